@@ -1,0 +1,138 @@
+"""Read and write the checkpoint layout: weights, args.json and the label map.
+
+Layout (Made With ML's Ray checkpoint, which tagger's trainer also writes):
+- `model.safetensors` and/or `model.pt`: state dict of FinetunedLLM;
+- `args.json`: `dropout_p`, `embedding_dim`, `num_classes`;
+- `class_to_index.json`, or `.metadata.json` holding `class_to_index` (Ray <= 2.7).
+Weights are never unpickled: safetensors, or `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlflow_model.errors import CheckpointError
+from mlflow_model.model import ModelArgs
+
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "model.pt"
+ARGS_FILE = "args.json"
+LABELS_FILE = "class_to_index.json"
+RAY_METADATA_FILE = ".metadata.json"
+# Buffers that older transformers saved in the state dict and newer ones rebuild themselves.
+_IGNORED_KEYS = ("llm.embeddings.position_ids",)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, loaded."""
+
+    state_dict: dict[str, torch.Tensor]
+    args: ModelArgs
+    class_to_index: dict[str, int]
+
+    @property
+    def index_to_class(self) -> list[str]:
+        """Tag of each output index."""
+        return [tag for tag, _ in sorted(self.class_to_index.items(), key=lambda item: item[1])]
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """True if the folder has args.json and weights."""
+    return (path / ARGS_FILE).is_file() and (
+        (path / SAFETENSORS_FILE).is_file() or (path / TORCH_FILE).is_file()
+    )
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file, or a CheckpointError saying what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return value
+
+
+def read_args(folder: Path) -> ModelArgs:
+    """args.json as ModelArgs."""
+    values = _read_json(folder / ARGS_FILE)
+    try:
+        return ModelArgs(
+            dropout_p=float(values["dropout_p"]),
+            embedding_dim=int(values["embedding_dim"]),
+            num_classes=int(values["num_classes"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / ARGS_FILE} needs dropout_p, embedding_dim, num_classes: {error}") from error
+
+
+def read_class_to_index(folder: Path) -> dict[str, int]:
+    """The label map, from class_to_index.json or Ray's .metadata.json."""
+    if (folder / LABELS_FILE).is_file():
+        labels = _read_json(folder / LABELS_FILE)
+    elif (folder / RAY_METADATA_FILE).is_file():
+        labels = _read_json(folder / RAY_METADATA_FILE).get("class_to_index")
+    else:
+        labels = None
+    if not labels:
+        raise CheckpointError(
+            f"no label map in {folder}: expected {LABELS_FILE} or {RAY_METADATA_FILE} with 'class_to_index'"
+        )
+    indices = sorted(int(i) for i in labels.values())
+    if indices != list(range(len(labels))):
+        raise CheckpointError(f"class_to_index in {folder} must map tags to 0..{len(labels) - 1}, got {labels}")
+    return {str(tag): int(index) for tag, index in labels.items()}
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights without unpickling: safetensors first, else torch.load(weights_only=True)."""
+    try:
+        if (folder / SAFETENSORS_FILE).is_file():
+            state = load_file(folder / SAFETENSORS_FILE)
+        elif (folder / TORCH_FILE).is_file():
+            state = torch.load(folder / TORCH_FILE, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"no weights in {folder}: expected {SAFETENSORS_FILE} or {TORCH_FILE}")
+    except CheckpointError:
+        raise
+    except Exception as error:  # a corrupt file or a pickle that is not plain tensors
+        raise CheckpointError(f"cannot load weights from {folder}: {error}") from error
+    return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Load a checkpoint folder and check that its parts agree."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    args, labels = read_args(folder), read_class_to_index(folder)
+    if len(labels) != args.num_classes:
+        raise CheckpointError(
+            f"{folder}: args.json says num_classes={args.num_classes} but the label map has {len(labels)} tags"
+        )
+    return Checkpoint(read_state_dict(folder), args, labels)
+
+
+def write_checkpoint(
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    args: ModelArgs,
+    class_to_index: dict[str, int],
+    torch_format: bool = False,
+) -> Path:
+    """Write the layout: model.safetensors (and model.pt if asked), args.json, class_to_index.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, folder / SAFETENSORS_FILE)
+    if torch_format:
+        torch.save(tensors, folder / TORCH_FILE)
+    (folder / ARGS_FILE).write_text(json.dumps(asdict(args), indent=2))
+    (folder / LABELS_FILE).write_text(json.dumps(class_to_index, indent=2))
+    return folder

@@ -1,0 +1,38 @@
+"""The classifier: a Hugging Face encoder, dropout and a linear head on the pooled output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Constructor arguments of FinetunedLLM, stored as args.json beside the weights."""
+
+    dropout_p: float
+    embedding_dim: int
+    num_classes: int
+
+
+class FinetunedLLM(nn.Module):
+    """Made With ML's model: state dict keys `llm.*` (encoder) and `fc1.*` (head)."""
+
+    def __init__(self, llm: nn.Module, args: ModelArgs) -> None:
+        super().__init__()
+        self.llm = llm
+        self.dropout = nn.Dropout(args.dropout_p)
+        self.fc1 = nn.Linear(args.embedding_dim, args.num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits, one row per input row."""
+        pooled = self.llm(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return self.fc1(self.dropout(pooled))
+
+
+def build_model(encoder_config: object, args: ModelArgs) -> FinetunedLLM:
+    """An untrained FinetunedLLM whose encoder has the given transformers config."""
+    from transformers import AutoModel
+
+    return FinetunedLLM(AutoModel.from_config(encoder_config), args)

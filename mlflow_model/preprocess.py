@@ -1,0 +1,107 @@
+"""Text preprocessing shared by training and serving: one function, imported by both."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlflow_model.errors import InvalidInputError
+
+INPUT_COLUMNS = ("title", "description")
+
+# NLTK's English stopword list (as the Made With ML seed used), embedded so that no download
+# is needed at training or serving time.
+STOPWORDS = frozenset(
+    """
+    i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+    yourselves he him his himself she she's her hers herself it it's its itself they them their
+    theirs themselves what which who whom this that that'll these those am is are was were be
+    been being have has had having do does did doing a an the and but if or because as until
+    while of at by for with about against between into through during before after above below
+    to from up down in out on off over under again further then once here there when where why
+    how all any both each few more most other some such no nor not only own same so than too
+    very s t can will just don don't should should've now d ll m o re ve y ain aren aren't
+    couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma
+    mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren
+    weren't won won't wouldn wouldn't
+    """.split()
+)
+_URL = re.compile(r"http\S+")
+_STOPWORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, STOPWORDS))) + r")\b\s*")
+_PUNCTUATION = re.compile(r"([!\"'#$%&()*\+,-./:;<=>?@\\\[\]^_`{|}~])")
+_NON_ALPHANUMERIC = re.compile(r"[^A-Za-z0-9]+")
+_SPACES = re.compile(r" +")
+
+
+def clean_text(text: str) -> str:
+    """Lowercase, drop links and stopwords, split off punctuation, keep [a-z0-9] words."""
+    text = _URL.sub(" ", text.lower())
+    text = _STOPWORD.sub(" ", text)
+    text = _PUNCTUATION.sub(r" \1 ", text)
+    text = _NON_ALPHANUMERIC.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def _is_missing(value: Any) -> bool:
+    """True for None and NaN-like nulls that pandas puts in object columns."""
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _checked_strings(frame: pd.DataFrame, column: str, nullable: bool) -> list[str]:
+    """The column's values as strings; a typed error names the first bad row."""
+    values = []
+    for position, value in enumerate(frame[column].tolist()):
+        if _is_missing(value):
+            if not nullable:
+                raise InvalidInputError(f"row {position}: column '{column}' is null; it must be a string")
+            value = ""
+        elif not isinstance(value, str):
+            raise InvalidInputError(
+                f"row {position}: column '{column}' must be a string, got {type(value).__name__} {value!r}"
+            )
+        values.append(value)
+    return values
+
+
+def prepare_texts(frame: pd.DataFrame) -> list[str]:
+    """Validate `title`/`description` rows and return one cleaned text per row, in order.
+
+    A null description is read as empty; a null or non-string title, a non-string description,
+    or a row whose title and description are both empty raises InvalidInputError.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise InvalidInputError(
+            f"input must be a table with columns {list(INPUT_COLUMNS)}, got {type(frame).__name__}"
+        )
+    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InvalidInputError(f"missing column(s) {missing}; the input needs {list(INPUT_COLUMNS)}")
+    if frame.empty:
+        raise InvalidInputError("input has no rows")
+    titles = _checked_strings(frame, "title", nullable=False)
+    descriptions = _checked_strings(frame, "description", nullable=True)
+    texts = []
+    for position, (title, description) in enumerate(zip(titles, descriptions)):
+        if not title.strip() and not description.strip():
+            raise InvalidInputError(f"row {position}: 'title' and 'description' are both empty")
+        texts.append(clean_text(f"{title} {description}"))
+    return texts
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to max_length, unpadded (padding is done per batch)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a batch to its longest row: (input_ids, attention_mask) int64 arrays."""
+    width = max(len(row) for row in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return input_ids, mask

@@ -1,0 +1,43 @@
+"""The package job: best run -> its checkpoint -> pyfunc model -> new registered version."""
+from __future__ import annotations
+
+import tempfile
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+
+from bundle import log_pyfunc, stage_artifacts
+from mlflow_model.config import PackageConfig, default_base_model
+from registry import register_version
+from runs import download_checkpoint, find_checkpoint, get_best_run_id
+
+
+def package_best_run(config: PackageConfig) -> ModelVersion:
+    """Package the experiment's best run and register it as a new version of config.model_name."""
+    run_id = get_best_run_id(config.experiment_name, config.metric, config.mode)
+    source = mlflow.get_run(run_id)
+    metric_value = source.data.metrics[config.metric]
+    checkpoint_path = find_checkpoint(run_id, config.metric, config.mode)
+    base_model = config.base_model or default_base_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = download_checkpoint(run_id, checkpoint_path, f"{tmp}/download")
+        artifacts = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
+        with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
+            mlflow.log_params(
+                {"source_run_id": run_id, "metric": config.metric, "mode": config.mode, "base_model": base_model}
+                | {f"predictor.{k}": v for k, v in config.predictor.to_dict().items()}
+            )
+            info = log_pyfunc(artifacts, config.predictor, metadata={"source_run_id": run_id})
+    tags = {
+        "source_run_id": run_id,
+        config.metric: str(metric_value),
+        "checkpoint_path": checkpoint_path or "/",
+        "package_run_id": run.info.run_id,
+        "quantize": config.predictor.quantize or "none",
+    }
+    description = (
+        f"Best run {run_id} of experiment {config.experiment_name!r} by {config.metric} {config.mode} "
+        f"({config.metric}={metric_value:.4f}), checkpoint '{checkpoint_path or '/'}', encoder {base_model}."
+    )
+    return register_version(info.model_uri, config.model_name, tags, description)

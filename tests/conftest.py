@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny BERT encoder and checkpoints built in-test, and a sqlite MLflow store."""
+from __future__ import annotations
+
+import string
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from mlflow_model.checkpoint import write_checkpoint
+from mlflow_model.model import FinetunedLLM, ModelArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "packaging"))  # packaging/ is a folder of scripts, not a package
+
+CLASS_TO_INDEX = {"natural-language-processing": 0, "computer-vision": 1, "mlops": 2, "other": 3}
+WORDS = "transformer bert language text vision image detection video pipeline deploy model learning data".split()
+HIDDEN = 32
+
+
+def build_tiny_encoder(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT config + a tokenizer whose vocab spells any word letter by letter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *letters, *(f"##{c}" for c in letters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    BertConfig(
+        vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    ).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_checkpoint(folder: Path, encoder: Path, seed: int, torch_format: bool = True) -> Path:
+    """A randomly initialised FinetunedLLM saved in the Made With ML checkpoint layout."""
+    torch.manual_seed(seed)
+    args = ModelArgs(dropout_p=0.1, embedding_dim=HIDDEN, num_classes=len(CLASS_TO_INDEX))
+    model = FinetunedLLM(BertModel(BertConfig.from_pretrained(encoder)), args)
+    return write_checkpoint(folder, model.state_dict(), args, CLASS_TO_INDEX, torch_format=torch_format)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """Folder with the tiny encoder's config and tokenizer."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("encoder"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_encoder) -> Path:
+    """A checkpoint folder of a tiny model (seed 0)."""
+    return build_tiny_checkpoint(tmp_path / "checkpoint", tiny_encoder, seed=0)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store + registry with local artifacts, used by this test alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
