@@ -64,3 +64,16 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+def log_training_run(experiment: str, checkpoint: Path | None, val_loss: float | None, tag: bool = True) -> str:
+    """A finished MLflow run as the trainer leaves it: val_loss and the checkpoint as artifacts."""
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        if val_loss is not None:
+            mlflow.log_metric("val_loss", val_loss)
+        if checkpoint is not None:
+            mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
+            if tag:
+                mlflow.set_tag("checkpoint_path", "checkpoint")
+    return run.info.run_id

@@ -1,0 +1,173 @@
+"""Evaluation (metrics, MLflow run, version tags) and the promotion gate, on a real sqlite store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint
+from mlflow.tracking import MlflowClient
+
+from bundle import log_pyfunc, stage_artifacts
+from cli import cli
+from evaluate import evaluate_model, slice_masks
+from gate import decide, gated_promote
+from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
+from mlflow_model.config import EvaluateConfig, PredictorConfig
+from mlflow_model.errors import PromotionRefused, RunSelectionError, TaggerError
+from mlflow_model.preprocess import prepare_texts
+from registry import champion_version, promote, register_version
+
+NLP, CV, MLOPS, OTHER = CLASS_TO_INDEX  # "other" is absent from the evaluation CSV
+ROWS = [
+    ("Transformer language model", "Fine-tuning BERT for text classification.", NLP),
+    ("Sentiment of reviews", "A text classifier for product reviews with a small model.", NLP),
+    ("Chat with an LLM", "A GPT assistant.", NLP),
+    ("Summaries of long news", "Sequence to sequence summarization of articles and reports.", NLP),
+    ("Entity tagging", "Named entities in legal text.", NLP),
+    ("Translation", "Machine translation between languages using an encoder decoder.", NLP),
+    ("Video object detection", "Detect cars in video frames.", CV),
+    ("Image segmentation", "Label every pixel of street images with a U-Net.", CV),
+    ("Face detection", "Find faces in photos.", CV),
+    ("Deploy a model pipeline", "Serve the model behind an API with Docker and monitoring.", MLOPS),
+    ("Experiment tracking", "Log runs, metrics and artifacts.", MLOPS),
+]
+NUM_NLP = sum(tag == NLP for *_, tag in ROWS)
+NAME = "tagger"
+
+
+@pytest.fixture
+def eval_csv(tmp_path) -> str:
+    """A labelled CSV whose majority tag is NLP and which has no 'other' row."""
+    path = tmp_path / "eval.csv"
+    pd.DataFrame(ROWS, columns=["title", "description", "tag"]).to_csv(path, index=False)
+    return str(path)
+
+
+def constant_checkpoint(folder: Path, encoder: Path, tag: str) -> Path:
+    """A checkpoint whose head ignores the text and always predicts `tag` (zero weights, one big bias)."""
+    checkpoint = read_checkpoint(build_tiny_checkpoint(folder / "random", encoder, seed=0))
+    checkpoint.state_dict["fc1.weight"] = torch.zeros_like(checkpoint.state_dict["fc1.weight"])
+    bias = torch.zeros_like(checkpoint.state_dict["fc1.bias"])
+    bias[CLASS_TO_INDEX[tag]] = 10.0
+    checkpoint.state_dict["fc1.bias"] = bias
+    return write_checkpoint(folder / "constant", checkpoint.state_dict, checkpoint.args, checkpoint.class_to_index)
+
+
+def register(checkpoint: Path, encoder: Path, tmp_path: Path) -> str:
+    """Bundle a checkpoint as a pyfunc in a run and register it as a new version of NAME."""
+    out = tmp_path / f"model-{checkpoint.parent.name}"
+    artifacts = stage_artifacts(checkpoint, str(encoder), out)
+    with mlflow.start_run(run_name="package"):
+        info = log_pyfunc(artifacts, PredictorConfig())
+    return register_version(info.model_uri, NAME, {}, "test version").version
+
+
+@pytest.fixture
+def better_and_worse(tmp_path, tiny_encoder, tracking_uri) -> dict[str, str]:
+    """Version 1 always answers the CSV's majority tag (NLP), version 2 always a tag absent from it."""
+    better = constant_checkpoint(tmp_path / "better", tiny_encoder, NLP)
+    worse = constant_checkpoint(tmp_path / "worse", tiny_encoder, OTHER)
+    return {"better": register(better, tiny_encoder, tmp_path), "worse": register(worse, tiny_encoder, tmp_path)}
+
+
+def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder, tracking_uri, eval_csv):
+    version = register(build_tiny_checkpoint(tmp_path / "random" / "c", tiny_encoder, seed=3), tiny_encoder, tmp_path)
+    promote(NAME, version)
+    results = evaluate_model(f"models:/{NAME}@champion", eval_csv)
+
+    assert results["version"] == version and results["overall"]["num_samples"] == len(ROWS)
+    for values in [results["overall"], *results["per_class"].values(), results["slices"]["nlp_llm"]]:
+        assert all(0.0 <= values[k] <= 1.0 for k in ("precision", "recall", "f1"))
+    assert {NLP, CV, MLOPS} <= set(results["per_class"])
+    assert results["per_class"][NLP]["num_samples"] == NUM_NLP
+    assert results["slices"]["nlp_llm"]["num_samples"] == 2  # "transformer ... bert", "llm gpt"
+
+    client = MlflowClient()
+    run = client.get_run(results["run_id"])
+    assert run.data.metrics["f1"] == pytest.approx(results["overall"]["f1"])
+    assert f"class.{NLP}.recall" in run.data.metrics and "slice.short_texts.num_samples" in run.data.metrics
+    logged = {a.path for a in client.list_artifacts(results["run_id"])}
+    assert {"confusion_matrix.png", "evaluation.json"} <= logged
+    png = mlflow.artifacts.download_artifacts(run_id=results["run_id"], artifact_path="confusion_matrix.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["eval.csv"]
+
+    model_version = client.get_model_version(NAME, version)
+    assert float(model_version.tags["eval.f1"]) == pytest.approx(results["overall"]["f1"])
+    assert model_version.tags["eval.run_id"] == results["run_id"]
+    assert model_version.tags["eval.dataset"] == eval_csv
+    model_metrics = {m.key: m.value for m in mlflow.get_logged_model(model_version.model_id).metrics}
+    assert model_metrics["f1"] == pytest.approx(results["overall"]["f1"])
+
+
+def test_constant_models_score_as_expected(better_and_worse, eval_csv):
+    better = evaluate_model(f"models:/{NAME}/{better_and_worse['better']}", eval_csv)
+    worse = evaluate_model(f"models:/{NAME}/{better_and_worse['worse']}", eval_csv)
+    share = NUM_NLP / len(ROWS)
+    assert better["overall"]["f1"] == pytest.approx(share * 2 * share / (1 + share))
+    assert better["per_class"][NLP]["recall"] == 1.0 and better["per_class"][CV]["recall"] == 0.0
+    assert worse["overall"]["f1"] == 0.0 and worse["per_class"][OTHER]["num_samples"] == 0
+
+
+def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse, eval_csv):
+    better, worse = better_and_worse["better"], better_and_worse["worse"]
+    client = MlflowClient()
+
+    promoted, decision = gated_promote(NAME, better, eval_csv)  # no champion yet: accepted
+    assert (promoted.version, decision.decision, decision.champion) == (better, "accepted", None)
+
+    with pytest.raises(PromotionRefused, match=rf"version {worse} has F1 0.0000.*champion \(version {better}\)"):
+        gated_promote(NAME, worse, eval_csv)
+    assert champion_version(NAME) == better
+    assert client.get_model_version(NAME, better).current_stage == "Production"
+    assert client.get_model_version(NAME, worse).tags["gate.decision"] == "refused"
+
+    promoted, decision = gated_promote(NAME, worse, eval_csv, force=True)
+    assert (decision.decision, champion_version(NAME)) == ("forced", worse)
+    assert decision.champion_f1 > decision.challenger_f1
+
+    promoted, decision = gated_promote(NAME, better, eval_csv)  # better challenger replaces the champion
+    assert (decision.decision, decision.champion, champion_version(NAME)) == ("accepted", worse, better)
+    assert client.get_model_version(NAME, worse).current_stage == "Archived"
+
+
+def test_cli_evaluate_prints_json_and_promote_refusal_is_one_line(better_and_worse, eval_csv):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["evaluate", "--model-uri", f"models:/{NAME}/1", "--dataset-loc", eval_csv])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["overall"]["f1"] > 0.3
+
+    promote(NAME, better_and_worse["better"])
+    args = ["promote", "--version", better_and_worse["worse"], "--eval-dataset", eval_csv]
+    refused = runner.invoke(cli, args)
+    assert refused.exit_code == 1 and "PromotionRefused: " in refused.output and "Traceback" not in refused.output
+    forced = runner.invoke(cli, [*args, "--force"])
+    assert forced.exit_code == 0 and "Gate forced" in forced.output, forced.output
+    assert champion_version(NAME) == better_and_worse["worse"]
+
+
+def test_bad_inputs_raise_typed_errors(tmp_path, tracking_uri, eval_csv):
+    with pytest.raises(RunSelectionError, match="models:/tagger@champion"):
+        evaluate_model("models:/tagger@champion", eval_csv)
+    unlabelled = tmp_path / "unlabelled.csv"
+    pd.DataFrame({"title": ["a"], "description": ["b"]}).to_csv(unlabelled, index=False)
+    with pytest.raises(TaggerError, match=r"missing column\(s\) \['tag'\]"):
+        evaluate_model("models:/tagger/1", str(unlabelled))
+    assert champion_version("tagger") is None
+
+
+def test_decide_and_slices():
+    assert decide(0.5, None, force=False) == "accepted"
+    assert decide(0.5, 0.5, force=False) == "accepted"
+    assert decide(0.4, 0.5, force=False) == "refused"
+    assert decide(0.4, 0.5, force=True) == "forced"
+    assert decide(0.45, 0.5, force=False, tolerance=0.1) == "accepted"
+    frame = pd.DataFrame(ROWS, columns=["title", "description", "tag"])
+    masks = slice_masks(frame["tag"], prepare_texts(frame), EvaluateConfig(short_text_max_words=6))
+    assert masks["nlp_llm"].tolist() == [True, False, True, False, False, False, False, False, False, False, False]
+    assert masks["short_texts"].tolist() == [i in (2, 8) for i in range(len(ROWS))]  # cleaned: 4 and 5 words

@@ -1,0 +1,217 @@
+"""Best run -> checkpoint -> pyfunc -> registry -> promotion, on a real sqlite MLflow store."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLASS_TO_INDEX, ROOT, build_tiny_checkpoint, log_training_run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlflow_model.config import PackageConfig, PredictorConfig
+from mlflow_model.errors import CheckpointError, InvalidInputError, RunSelectionError
+from mlflow_model.predictor import TorchPredictor
+from package import package_best_run
+from registry import promote
+from runs import find_checkpoint, get_best_run_id
+
+EXAMPLES = pd.DataFrame(
+    {
+        "title": ["Transformer language model", "Video object detection", "Deploy a model pipeline", "x"],
+        "description": ["bert text data", "image vision detection", None, "learning " * 500],
+    }
+)
+
+
+@pytest.fixture
+def two_runs(tmp_path, tiny_encoder, tracking_uri) -> dict[str, str]:
+    """Experiment 'exp' with a worse (seed 1) and a better (seed 2) run, each with a checkpoint."""
+    worse = log_training_run("exp", build_tiny_checkpoint(tmp_path / "c1", tiny_encoder, seed=1), 0.9)
+    better = log_training_run("exp", build_tiny_checkpoint(tmp_path / "c2", tiny_encoder, seed=2), 0.4)
+    return {"worse": worse, "better": better, "better_dir": str(tmp_path / "c2")}
+
+
+def package(tiny_encoder: Path, **predictor) -> object:
+    """Package the best run of 'exp' with the tiny encoder."""
+    config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), predictor=PredictorConfig(**predictor))
+    return package_best_run(config)
+
+
+def test_best_run_is_chosen_by_val_loss(two_runs):
+    assert get_best_run_id("exp") == two_runs["better"]
+    assert get_best_run_id("exp", mode="DESC") == two_runs["worse"]
+
+
+def test_selection_errors_name_the_problem(tmp_path, tiny_encoder, tracking_uri):
+    with pytest.raises(RunSelectionError, match="'nope' does not exist"):
+        get_best_run_id("nope")
+    mlflow.create_experiment("empty")
+    with pytest.raises(RunSelectionError, match="no finished runs"):
+        get_best_run_id("empty")
+    run_id = log_training_run("nometric", None, None)
+    with pytest.raises(RunSelectionError, match="logged the metric 'val_loss'"):
+        get_best_run_id("nometric")
+    with pytest.raises(RunSelectionError, match="no checkpoint artifact"):
+        find_checkpoint(run_id)
+    with pytest.raises(RunSelectionError, match="mode must be ASC or DESC"):
+        get_best_run_id("exp", mode="UP")
+
+
+def test_made_with_ml_trial_folder_is_found_without_tag(tmp_path, tiny_encoder, tracking_uri):
+    """Made With ML logged the whole Ray trial folder; the best checkpoint is found by progress.csv."""
+    trial = tmp_path / "trial"
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        folder = build_tiny_checkpoint(trial / name, tiny_encoder, seed=3)
+        (folder / "class_to_index.json").unlink()  # Ray <= 2.7 kept the label map in .metadata.json
+        (folder / ".metadata.json").write_text(json.dumps({"class_to_index": CLASS_TO_INDEX}))
+    (trial / "progress.csv").write_text(
+        "epoch,val_loss,checkpoint_dir_name\n0,0.5,checkpoint_000000\n1,0.3,checkpoint_000001\n"
+    )
+    mlflow.set_experiment("mwm")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("val_loss", 0.3)
+        mlflow.log_artifacts(str(trial))
+    assert find_checkpoint(run.info.run_id) == "checkpoint_000001"
+    version = package_best_run(PackageConfig(experiment_name="mwm", base_model=str(tiny_encoder)))
+    assert version.tags["checkpoint_path"] == "checkpoint_000001"
+
+
+def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
+    version = package(tiny_encoder)
+    assert str(version.version) == "1"
+    assert version.tags["source_run_id"] == two_runs["better"]
+    assert float(version.tags["val_loss"]) == pytest.approx(0.4)
+    assert version.tags["checkpoint_path"] == "checkpoint"
+    assert two_runs["better"] in version.description
+
+    loaded = mlflow.pyfunc.load_model("models:/tagger/1")
+    got = loaded.predict(EXAMPLES)
+    direct = TorchPredictor.from_directories(two_runs["better_dir"], tiny_encoder)
+    expected = direct.predict_proba(EXAMPLES)
+    assert list(got.columns) == ["prediction", "probabilities"]
+    probabilities = np.array([[row[tag] for tag in direct.index_to_class] for row in got["probabilities"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert list(got["prediction"]) == [direct.index_to_class[i] for i in expected.argmax(axis=1)]
+    assert probabilities.sum(axis=1) == pytest.approx(np.ones(len(EXAMPLES)), abs=1e-5)
+
+
+def test_model_holds_no_pickled_weights_and_pins_requirements(two_runs, tiny_encoder):
+    version = package(tiny_encoder)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tagger/{version.version}"))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "artifacts/checkpoint/model.safetensors" in files
+    assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl"))], files
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==2.13.0" in requirements and "ray" not in requirements
+    assert "params" in (local / "MLmodel").read_text()
+
+
+def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
+    package(tiny_encoder, threshold=0.99, batch_size=2)
+    model = mlflow.pyfunc.load_model("models:/tagger/1")
+    assert set(model.predict(EXAMPLES)["prediction"]) == {"other"}  # packaged default applies
+    relaxed = model.predict(EXAMPLES, params={"threshold": 0.0, "batch_size": 3})
+    top = [max(p, key=p.get) for p in relaxed["probabilities"]]
+    assert list(relaxed["prediction"]) == top
+    params = model.metadata.get_params_schema().to_dict()
+    assert {p["name"]: p["default"] for p in params} == {"threshold": 0.99, "batch_size": 2}
+
+
+@pytest.mark.parametrize(
+    ("frame", "params", "message"),
+    [
+        (pd.DataFrame({"title": ["a"]}), None, "description"),
+        (pd.DataFrame({"title": ["a", 5], "description": ["b", "c"]}), None, "title"),
+        (pd.DataFrame({"title": ["a", "b"], "description": ["x", 3.5]}), None, "row 1: column 'description'"),
+        (pd.DataFrame({"title": ["ok", " "], "description": ["x", None]}), None, "row 1: 'title' and 'description'"),
+        (pd.DataFrame({"title": [None], "description": ["x"]}), None, "row 0: column 'title' is null"),
+        (EXAMPLES, {"threshold": 1.5}, "param 'threshold'"),
+        (EXAMPLES, {"batch_size": 0}, "param 'batch_size'"),
+        (EXAMPLES, {"threshold": "high"}, "threshold"),
+    ],
+)
+def test_bad_input_raises_a_typed_error(two_runs, tiny_encoder, frame, params, message):
+    package(tiny_encoder)
+    model = mlflow.pyfunc.load_model("models:/tagger/1")
+    with pytest.raises(MlflowException, match=message) as raised:
+        model.predict(frame, params=params)
+    assert raised.value.get_http_status_code() == 400
+
+
+def test_predictor_errors_are_typed(tiny_checkpoint, tiny_encoder, tmp_path):
+    predictor = TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+    with pytest.raises(InvalidInputError, match="missing column"):
+        predictor.predict(pd.DataFrame({"name": ["a"]}))
+    with pytest.raises(InvalidInputError, match="no rows"):
+        predictor.predict(EXAMPLES.iloc[:0])
+    (tiny_checkpoint / "args.json").write_text(json.dumps({"dropout_p": 0.1, "embedding_dim": 32, "num_classes": 3}))
+    with pytest.raises(CheckpointError, match="num_classes=3 but the label map has 4"):
+        TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TorchPredictor.from_directories(tmp_path / "missing", tiny_encoder)
+
+
+def test_promotion_archives_previous_and_sets_champion(two_runs, tiny_encoder):
+    first = package(tiny_encoder)
+    promote("tagger", first.version)
+    second = package(tiny_encoder)
+    promoted = promote("tagger")  # newest by default
+    client = MlflowClient()
+    assert str(promoted.version) == str(second.version) == "2"
+    assert client.get_model_version("tagger", "1").current_stage == "Archived"
+    assert client.get_model_version("tagger", "2").current_stage == "Production"
+    assert str(client.get_model_version_by_alias("tagger", "champion").version) == "2"
+    for uri in ("models:/tagger/Production", "models:/tagger@champion"):
+        assert len(mlflow.pyfunc.load_model(uri).predict(EXAMPLES)) == len(EXAMPLES)
+    with pytest.raises(RunSelectionError, match="no versions"):
+        promote("unknown-model")
+
+
+def test_loads_and_predicts_with_the_hub_offline(two_runs, tiny_encoder, tracking_uri):
+    package(tiny_encoder)
+    promote("tagger")
+    script = (
+        "import mlflow, pandas as pd;"
+        "m = mlflow.pyfunc.load_model('models:/tagger@champion');"
+        "print(m.predict(pd.DataFrame({'title': ['bert'], 'description': ['text']}))['prediction'][0])"
+    )
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] in CLASS_TO_INDEX
+
+
+def test_concurrent_predict_from_eight_threads(two_runs, tiny_encoder):
+    package(tiny_encoder)
+    model = mlflow.pyfunc.load_model("models:/tagger/1")
+    frames = [EXAMPLES.sample(frac=1.0, random_state=i).reset_index(drop=True) for i in range(8)]
+    expected = [model.predict(frame) for frame in frames]
+    results, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            for _ in range(5):
+                results[i] = model.predict(frames[i])
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert list(got["prediction"]) == list(want["prediction"])
+        for a, b in zip(got["probabilities"], want["probabilities"]):
+            assert a == pytest.approx(b, abs=1e-6)

@@ -1,0 +1,125 @@
+"""A real `mlflow models serve` process on 127.0.0.1 serving models:/tagger/Production."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run
+
+from mlflow_model.config import PackageConfig
+from package import package_best_run
+from registry import promote
+
+RECORDS = [
+    {"title": "Transformer language model", "description": "bert text"},
+    {"title": "Video object detection", "description": None},
+]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """Train-free setup: two runs, package the best, promote it, serve it; yields the base URL."""
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    encoder = build_tiny_encoder(tmp / "encoder")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        log_training_run("exp", build_tiny_checkpoint(tmp / "c1", encoder, seed=1), 0.8)
+        log_training_run("exp", build_tiny_checkpoint(tmp / "c2", encoder, seed=2), 0.3)
+        promote("tagger", package_best_run(PackageConfig(experiment_name="exp", base_model=str(encoder))).version)
+        mlflow.set_tracking_uri(None)
+    port = free_port()
+    # The scoring server runs `uvicorn` from PATH: put this interpreter's bin folder first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    log = open(tmp / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tagger/Production",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("server did not answer /ping in 180 s: " + Path(log.name).read_text()[-3000:])
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def invoke(url: str, payload: dict) -> requests.Response:
+    """POST a JSON payload to /invocations."""
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def check_predictions(body: dict, rows: int) -> None:
+    """The seed's output shape: a tag and a probability for each tag, per row."""
+    predictions = body["predictions"]
+    assert len(predictions) == rows
+    for item in predictions:
+        assert item["prediction"] in CLASS_TO_INDEX
+        assert set(item["probabilities"]) == set(CLASS_TO_INDEX)
+        assert sum(item["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert item["prediction"] == max(item["probabilities"], key=item["probabilities"].get)
+
+
+def test_dataframe_records_and_split_agree(server):
+    records = invoke(server, {"dataframe_records": RECORDS})
+    assert records.status_code == 200, records.text
+    check_predictions(records.json(), len(RECORDS))
+    split = invoke(server, {"dataframe_split": {
+        "columns": ["title", "description"], "data": [[r["title"], r["description"]] for r in RECORDS]}})
+    assert split.status_code == 200, split.text
+    assert split.json() == records.json()
+
+
+def test_params_reach_the_model(server):
+    response = invoke(server, {"dataframe_records": RECORDS, "params": {"threshold": 1.0, "batch_size": 1}})
+    assert response.status_code == 200, response.text
+    assert [p["prediction"] for p in response.json()["predictions"]] == ["other", "other"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"dataframe_records": [{"title": "a"}]}, "description"),
+        ({"dataframe_records": [{"title": 3, "description": "x"}]}, "title"),
+        ({"dataframe_records": [{"title": "ok", "description": "x"}, {"title": "", "description": ""}]},
+         "row 1: 'title' and 'description' are both empty"),
+        ({"dataframe_records": RECORDS, "params": {"threshold": 7}}, "param 'threshold'"),
+        ({"dataframe_records": RECORDS, "params": {"batch_size": -1}}, "param 'batch_size'"),
+    ],
+)
+def test_bad_input_is_a_400_without_traceback(server, payload, message):
+    response = invoke(server, payload)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert message in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in response.text
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200  # still up
+    assert invoke(server, {"dataframe_records": RECORDS[:1]}).status_code == 200
