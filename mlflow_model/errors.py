@@ -33,3 +33,7 @@ class RunSelectionError(TaggerError):
     """No run or checkpoint can be selected from the experiment the user named."""
 
     error_code = RESOURCE_DOES_NOT_EXIST
+
+
+class PromotionRefused(TaggerError):
+    """The promotion gate kept the champion: the challenger scored worse on the evaluation set."""

@@ -5,6 +5,7 @@ import warnings
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.config import CHAMPION_ALIAS, PRODUCTION_STAGE
@@ -34,3 +35,13 @@ def promote(name: str, version: str | None = None) -> ModelVersion:
         client.transition_model_version_stage(name, version, PRODUCTION_STAGE, archive_existing_versions=True)
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     return client.get_model_version(name, version)
+
+
+def champion_version(name: str) -> str | None:
+    """The version the champion alias points to, or None when there is no champion yet."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version
+    except MlflowException as error:  # no such model: RESOURCE_DOES_NOT_EXIST; no such alias: INVALID_PARAMETER_VALUE
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
