@@ -1,0 +1,75 @@
+"""The main job on the embedded defaults: train -> package -> register -> promote -> predict."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from mlflow_model.config import MODEL_NAME, PRODUCTION_STAGE, PackageConfig, QuickstartConfig, TrainConfig
+from package import package_best_run
+from registry import promote
+from training.train import train
+
+EXAMPLES = pd.DataFrame(
+    {
+        "title": [
+            "Fine-tuning a small language model for support tickets",
+            "Counting cars in drone footage",
+            "Blue-green deployments for model servers",
+            "Forecasting electricity demand with gradient boosting",
+        ],
+        "description": [
+            "Classify customer emails with a distilled BERT and explain its answers.",
+            "An object detector tracks vehicles frame by frame in aerial video.",
+            "Roll out new model versions with canaries, monitoring and instant rollback.",
+            "Hourly load prediction from weather and calendar features.",
+        ],
+    }
+)
+
+
+def use_local_store(workdir: Path, experiment_name: str) -> str:
+    """Point MLflow at workdir/mlflow.db (absolute URI) with artifacts in workdir/mlruns."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment_name) is None:
+        mlflow.create_experiment(experiment_name, artifact_location=(workdir / "mlruns").as_uri())
+    return uri
+
+
+def serve_command(tracking_uri: str) -> str:
+    """The shell command that serves the promoted model from this store."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return (
+        f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} {shlex.quote(str(mlflow_bin))} models serve "
+        f"-m models:/{MODEL_NAME}/{PRODUCTION_STAGE} --env-manager local -h 127.0.0.1 -p 5000"
+    )
+
+
+def quickstart(config: QuickstartConfig) -> pd.DataFrame:
+    """Run the whole flow and print what a user needs next; returns the example predictions."""
+    workdir = Path(config.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = use_local_store(workdir, config.experiment_name)
+    print(f"[1/4] Training on Ray Train ({config.num_epochs} epochs) into {tracking_uri}", flush=True)
+    train(TrainConfig(experiment_name=config.experiment_name, num_epochs=config.num_epochs))
+    print("[2/4] Packaging the best run by val_loss and registering it", flush=True)
+    version = package_best_run(PackageConfig(experiment_name=config.experiment_name))
+    print(f"[3/4] Promoting {version.name} version {version.version} to {PRODUCTION_STAGE} and @champion", flush=True)
+    promote(version.name, str(version.version))
+    print(f"[4/4] Predicting with models:/{MODEL_NAME}/{PRODUCTION_STAGE}", flush=True)
+    predictions = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{PRODUCTION_STAGE}").predict(EXAMPLES)
+    table = EXAMPLES[["title"]].assign(
+        prediction=predictions["prediction"],
+        confidence=[round(max(p.values()), 3) for p in predictions["probabilities"]],
+    )
+    print(table.to_string(index=False))
+    print(f"\nServe it:\n  {serve_command(tracking_uri)}")
+    print(
+        "Then:\n  curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' "
+        "-d '{\"dataframe_records\": [{\"title\": \"BERT for legal text\", \"description\": \"\"}]}'"
+    )
+    return predictions

@@ -1,0 +1,197 @@
+"""Training end to end: real Ray Train, real MLflow (sqlite), a tiny BERT and a tiny CSV.
+
+The trained runs are packaged with package_best_run and the registered model predicts.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from transformers import BertConfig, BertModel
+
+from conftest import CLASS_TO_INDEX, build_tiny_encoder
+from mlflow_model.config import PackageConfig, TrainConfig
+from training.data import DatasetError, check_columns, class_to_index, load_data, stratified_split
+
+TAG_WORDS = {
+    "natural-language-processing": ["transformer", "bert", "language", "text"],
+    "computer-vision": ["vision", "image", "detection", "video"],
+    "mlops": ["pipeline", "deploy", "model"],
+    "other": ["learning", "data"],
+}
+
+
+def write_tiny_csv(path: Path, rows_per_tag: int = 10, seed: int = 0) -> Path:
+    """A labelled CSV whose texts use each tag's own words (so even a tiny model can learn it)."""
+    rng = random.Random(seed)
+    rows = []
+    for tag, words in TAG_WORDS.items():
+        for i in range(rows_per_tag):
+            rows.append({
+                "id": len(rows),
+                "title": " ".join(rng.choices(words, k=3)),
+                "description": " ".join(rng.choices(words, k=4)) if i % 3 else None,
+                "tag": tag,
+            })
+    rng.shuffle(rows)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_encoder(tmp_path_factory) -> Path:
+    """The tiny encoder's config + tokenizer, with randomly initialised weights saved beside them."""
+    folder = build_tiny_encoder(tmp_path_factory.mktemp("pretrained"))
+    BertModel(BertConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> Path:
+    return write_tiny_csv(tmp_path_factory.mktemp("data") / "projects.csv")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module (training code reuses a running Ray instead of starting one)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def tiny_config(tiny_csv: Path, encoder: Path, tmp_path: Path, **changes) -> TrainConfig:
+    values = dict(
+        experiment_name="tiny", dataset_loc=str(tiny_csv), base_model=str(encoder), num_epochs=2, batch_size=8,
+        lr=1e-3, cpu_per_worker=1, storage_path=str(tmp_path / "ray"),
+    )
+    return TrainConfig(**(values | changes))
+
+
+# ---------------------------------------------------------------------------- data (no Ray)
+
+
+def test_load_data_checks_columns_and_tags(tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"title": ["a"], "tag": ["mlops"]}).to_csv(path, index=False)
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['description'\]"):
+        load_data(str(path))
+    frame = pd.DataFrame({"title": ["a", "b", "c"], "description": ["x", "y", "z"], "tag": ["mlops", None, " "]})
+    with pytest.raises(DatasetError, match=r"2 row\(s\) have an empty or missing tag \(first rows: \[1, 2\]\)"):
+        check_columns(frame)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_data(str(tmp_path / "nowhere.csv"))
+
+
+def test_label_map_is_sorted_and_split_is_stratified(tiny_csv):
+    frame = load_data(str(tiny_csv))
+    labels = class_to_index(frame["tag"])
+    assert labels == {tag: i for i, tag in enumerate(sorted(CLASS_TO_INDEX))}
+    train, val = stratified_split(frame, val_size=0.25, seed=1)
+    assert len(train) + len(val) == len(frame) == 40
+    assert len(val) == 10 and set(val["tag"].value_counts()) <= {2, 3}  # 10 rows of each tag: 2 or 3 held out
+    assert set(val["tag"]) == set(train["tag"]) == set(TAG_WORDS)
+    again_train, again_val = stratified_split(frame, val_size=0.25, seed=1)
+    assert again_val.equals(val) and again_train.equals(train)
+    with pytest.raises(DatasetError, match="fewer than 2 rows"):
+        stratified_split(pd.concat([frame, frame.head(1).assign(tag="lonely")]), 0.25, 1)
+
+
+# ---------------------------------------------------------------------------- Ray + MLflow
+
+
+def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
+    ray_cluster, tracking_uri, tiny_csv, pretrained_encoder, tmp_path
+):
+    from package import package_best_run
+    from runs import CHECKPOINT_TAG, get_best_run_id
+
+    from training.train import train
+
+    result = train(tiny_config(tiny_csv, pretrained_encoder, tmp_path), run_name="tiny-run")
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-run"
+    params = run.data.params
+    assert params["lr"] == "0.001" and params["num_epochs"] == "2" and params["base_model"] == str(pretrained_encoder)
+    assert params["train_rows"] == "32" and params["val_rows"] == "8"
+    for metric in ("train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [0, 1]
+    val_history = client.get_metric_history(result.run_id, "val_loss")
+    assert [m.step for m in val_history] == [0, 1, 2]  # 2 epochs, then the best epoch's value at step 2
+    assert val_history[-1].value == pytest.approx(min(m.value for m in val_history[:2]))
+    assert {"val_f1", "val_accuracy", "best_epoch"} <= set(run.data.metrics)
+    assert run.data.tags[CHECKPOINT_TAG] == "checkpoint"
+    names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoint")}
+    assert {"model.pt", "model.safetensors", "args.json", "class_to_index.json"} <= names
+    assert result.class_to_index == {tag: i for i, tag in enumerate(sorted(CLASS_TO_INDEX))}
+
+    assert get_best_run_id("tiny") == result.run_id
+    version = package_best_run(PackageConfig(experiment_name="tiny", base_model=str(pretrained_encoder)))
+    assert version.tags["source_run_id"] == result.run_id
+    model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
+    frame = pd.DataFrame({"title": ["bert text language", "image video"], "description": ["transformer", None]})
+    predictions = model.predict(frame)
+    assert set(predictions["prediction"]) <= set(CLASS_TO_INDEX)
+    assert all(abs(sum(p.values()) - 1) < 1e-4 for p in predictions["probabilities"])
+
+
+def test_sweep_makes_one_run_per_configuration_and_best_is_selected(
+    ray_cluster, tracking_uri, tiny_csv, pretrained_encoder, tmp_path
+):
+    from runs import get_best_run_id
+
+    from training.sweep import grid, sweep
+
+    outcome = sweep(
+        tiny_config(tiny_csv, pretrained_encoder, tmp_path, experiment_name="tiny-sweep", num_epochs=1),
+        grid(lr=[3e-3, 1e-5], dropout_p=[0.0]),
+    )
+    runs = mlflow.search_runs(experiment_names=["tiny-sweep"])
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.sweep_id"]) == {outcome.sweep_id}
+    assert set(runs["params.lr"]) == {"0.003", "1e-05"}
+    losses = dict(zip(runs["run_id"], runs["metrics.val_loss"]))
+    assert outcome.best.run_id == min(losses, key=losses.get) == get_best_run_id("tiny-sweep")
+
+
+def test_cli_train_takes_mlproject_flags_and_logs_into_mlflow_run_id(
+    ray_cluster, tracking_uri, tiny_csv, pretrained_encoder, tmp_path, monkeypatch
+):
+    import cli
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("tiny-cli")
+    parent = client.create_run(experiment_id, run_name="launched-by-mlflow-run")
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)  # as `mlflow run` passes it
+    # The MLproject's command line, with floats spelled as MLproject passes them.
+    args = [
+        "train", "--experiment-name", "tiny-cli", "--dataset-loc", str(tiny_csv), "--base-model", str(pretrained_encoder),
+        "--num-epochs", "1.0", "--batch-size", "8.0", "--lr", "0.001", "--dropout-p", "0.1", "--num-workers", "1.0",
+        "--cpu-per-worker", "1.0", "--seed", "7.0", "--storage-path", str(tmp_path / "ray"),
+    ]
+    outcome = CliRunner().invoke(cli.cli, args, catch_exceptions=False)
+    assert outcome.exit_code == 0, outcome.output
+    assert f'"run_id": "{parent.info.run_id}"' in outcome.output
+    run = client.get_run(parent.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["seed"] == "7"
+    assert run.data.tags["checkpoint_path"] == "checkpoint" and "val_loss" in run.data.metrics
+
+
+def test_cli_train_reports_a_bad_dataset_in_one_line(tracking_uri, tmp_path):
+    import cli
+
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"title": ["a"], "text": ["b"]}).to_csv(path, index=False)
+    outcome = CliRunner().invoke(cli.cli, ["train", "--dataset-loc", str(path)])
+    assert outcome.exit_code != 0
+    assert "DatasetError" in outcome.output and "missing column(s) ['description', 'tag']" in outcome.output
