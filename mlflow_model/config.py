@@ -14,6 +14,7 @@ CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
+CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
 TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")
 
@@ -114,7 +115,9 @@ class BatchPredictConfig:
     input_format: str | None = None  # "csv", "parquet" or "json" (JSON lines); None: from the extension
     concurrency: int = 1  # actors, each holding one copy of the model
     batch_size: int = 64  # rows per call of an actor
-    cpus_per_actor: int = 1  # Ray CPUs reserved per actor, also its torch threads
+    cpus_per_actor: float | None = None  # Ray CPUs per actor; None: share out what the I/O tasks leave
+    io_cpus: float = 0.25  # Ray CPUs of each read / write task
+    reserved_cpus: float = 1.25  # Ray CPUs actors never take: Ray Data's file listing (1) + one I/O task
     id_column: str = "id"  # input column naming a row in error reports (if the input has it)
     address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: a local Ray
     max_reported_errors: int = 20  # bad rows listed in the summary (all are counted)

@@ -10,9 +10,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import ARGS_FILE, SAFETENSORS_FILE, TORCH_FILE
+from mlflow_model.config import CHECKPOINT_TAG
 from mlflow_model.errors import RunSelectionError
 
-CHECKPOINT_TAG = "checkpoint_path"  # run tag: artifact path of the run's best checkpoint
 RAY_PROGRESS_FILE = "progress.csv"  # Ray trial folders: one row per report, with checkpoint_dir_name
 _MAX_DEPTH = 4
 

@@ -62,6 +62,7 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # forget the experiment id an earlier test made active
     yield uri
     mlflow.set_tracking_uri(None)
 

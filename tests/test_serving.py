@@ -40,6 +40,7 @@ def server(tmp_path_factory) -> str:
         patch.chdir(tmp)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("Default")  # forget the experiment id an earlier test made active
         log_training_run("exp", build_tiny_checkpoint(tmp / "c1", encoder, seed=1), 0.8)
         log_training_run("exp", build_tiny_checkpoint(tmp / "c2", encoder, seed=2), 0.3)
         promote("tagger", package_best_run(PackageConfig(experiment_name="exp", base_model=str(encoder))).version)

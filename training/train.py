@@ -31,13 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlflow_model.config import CHECKPOINT_ARTIFACT, TrainConfig, default_base_model
+from mlflow_model.config import CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, TrainConfig, default_base_model
 from mlflow_model.errors import TaggerError
 from training.data import DatasetError, class_to_index, load_data, stratified_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT / "data" / "projects.csv"
-CHECKPOINT_TAG = "checkpoint_path"  # = packaging/runs.py CHECKPOINT_TAG
 SCHEDULERS = ("linear", "cosine", "plateau", "constant")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 
