@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -215,3 +216,22 @@ def test_concurrent_predict_from_eight_threads(two_runs, tiny_encoder):
         assert list(got["prediction"]) == list(want["prediction"])
         for a, b in zip(got["probabilities"], want["probabilities"]):
             assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_mlproject_package_and_promote_entry_points(two_runs, tiny_encoder, tracking_uri):
+    """`mlflow run . -e package` then `-e promote`, as a user runs them (empty params = defaults)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    steps = [
+        ["package", "-P", "experiment_name=exp", "-P", f"base_model={tiny_encoder}"],
+        ["promote"],  # version "" = the newest
+    ]
+    for step in steps:
+        result = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", step[0], "--env-manager", "local", *step[1:]],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    version = MlflowClient().get_model_version_by_alias("tagger", "champion")
+    assert version.tags["source_run_id"] == two_runs["better"]
+    assert version.current_stage == "Production"
