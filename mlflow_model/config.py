@@ -127,12 +127,11 @@ class BatchPredictConfig:
 class SpeedBenchmarkConfig:
     """What benchmarks/speed.py measures and how often."""
 
-    batch_size: int = 64  # rows per forward pass in every throughput measurement
+    batch_size: int = 64  # rows per forward pass of the floor's GEMMs and the profile (= the packaged default)
     repeats: int = 3  # throughput: best of this many passes over the CSV (others share the CPU)
     latency_requests: int = 200  # single-row requests to the scoring server per build
     warmup_requests: int = 10
     server_timeout_s: float = 120.0  # give up waiting for /ping after this long
-    seed_blocks: int = 1  # the seed path's Ray Data blocks (it used from_pandas: one block)
     matmul_repeats: int = 20  # fp32 floor: best of this many timings of each GEMM
 
 

@@ -51,7 +51,9 @@ def package(experiment_name, metric, mode, model_name, base_model, threshold, ba
     config = PackageConfig(
         experiment_name=experiment_name, metric=metric, mode=mode.upper(), model_name=model_name,
         base_model=base_model or None, eval_dataset=eval_dataset or None,
-        predictor=PredictorConfig(threshold=threshold, batch_size=batch_size, quantize=None if quantize == "none" else quantize),
+        predictor=PredictorConfig(
+            threshold=threshold, batch_size=batch_size, quantize=None if quantize == "none" else quantize
+        ),
     )
     version = package_best_run(config)
     click.echo(f"Registered {version.name} version {version.version} from run {version.tags['source_run_id']}")
@@ -130,8 +132,8 @@ class WholeNumber(click.ParamType):
 @click.option("--concurrency", type=WholeNumber(), default=BatchPredictConfig.concurrency, show_default=True,
               help="Actors, each loading the model once.")
 @click.option("--batch-size", type=WholeNumber(), default=BatchPredictConfig.batch_size, show_default=True)
-@click.option("--cpus-per-actor", type=WholeNumber(), default=BatchPredictConfig.cpus_per_actor, show_default=True,
-              help="Ray CPUs per actor, also its torch threads.")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Ray CPUs per actor (its torch threads: rounded); default: the cluster's CPUs shared out.")
 @click.option("--format", "input_format", type=click.Choice(["csv", "parquet", "json"]), default=None,
               help="Input format (default: from the extension).")
 @click.option("--id-column", default=BatchPredictConfig.id_column, show_default=True,

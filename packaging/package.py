@@ -8,8 +8,10 @@ from mlflow.entities.model_registry import ModelVersion
 
 from bundle import log_pyfunc, stage_artifacts
 from mlflow_model.config import PackageConfig, default_base_model
+from quantization import f1_metrics, int8_accuracy_change
 from registry import register_version
 from runs import download_checkpoint, find_checkpoint, get_best_run_id
+from training.train import DEFAULT_DATASET
 
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
@@ -22,19 +24,25 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = download_checkpoint(run_id, checkpoint_path, f"{tmp}/download")
         artifacts = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        accuracy = {}
+        if config.predictor.quantize == "int8":
+            accuracy = int8_accuracy_change(artifacts, config.predictor, config.eval_dataset or str(DEFAULT_DATASET))
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
+            # Own key names: under `mlflow run` the run already holds the entry point's raw params.
             mlflow.log_params(
-                {"source_run_id": run_id, "metric": config.metric, "mode": config.mode, "base_model": base_model}
+                {"source_run_id": run_id, "selection": f"{config.metric} {config.mode}", "encoder": base_model}
                 | {f"predictor.{k}": v for k, v in config.predictor.to_dict().items()}
             )
-            info = log_pyfunc(artifacts, config.predictor, metadata={"source_run_id": run_id})
+            mlflow.log_metrics(f1_metrics(accuracy))
+            info = log_pyfunc(artifacts, config.predictor, metadata={"source_run_id": run_id, **accuracy})
     tags = {
         "source_run_id": run_id,
         config.metric: str(metric_value),
         "checkpoint_path": checkpoint_path or "/",
         "package_run_id": run.info.run_id,
         "quantize": config.predictor.quantize or "none",
+        **accuracy,
     }
     description = (
         f"Best run {run_id} of experiment {config.experiment_name!r} by {config.metric} {config.mode} "

@@ -1,0 +1,206 @@
+"""Batch inference on Ray Data: CSV / Parquet / JSON-lines files in, Parquet out.
+
+The dataset streams through a pool of actors, each of which loads the registered model once;
+rows that fail the model's own validation get an `error` (row id + reason) instead of failing
+their batch. Output: the input columns + `prediction`, `probabilities` (a struct, one field per
+tag) and `error` (null when the row was predicted).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pyarrow as pa
+
+from bundle import RUNTIME_PACKAGE
+from mlflow_model.config import BatchPredictConfig
+from mlflow_model.errors import InvalidInputError
+from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts
+
+EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
+              ".ndjson": "json"}
+PROBE = pd.DataFrame({"title": ["probe"], "description": [""]})  # reveals the model's tags at actor start
+
+
+@dataclass
+class BatchSummary:
+    """What a batch job did: rows written, and the bad rows (all counted, the first few listed)."""
+
+    rows: int
+    bad_rows: int
+    errors: list[str]
+    output: str
+
+
+def input_format(path: str, declared: str | None = None) -> str:
+    """csv, parquet or json: as declared, else from the file extension."""
+    if declared:
+        if declared not in set(EXTENSIONS.values()):
+            raise InvalidInputError(f"--format must be one of csv, parquet, json; got {declared!r}")
+        return declared
+    extension = os.path.splitext(path.rstrip("/"))[1].lower()
+    if extension not in EXTENSIONS:
+        raise InvalidInputError(f"cannot tell the format of input {path!r} from its extension; pass --format")
+    return EXTENSIONS[extension]
+
+
+def expand_paths(path: str) -> list[str]:
+    """The files a glob matches (any fsspec filesystem), or the path itself when it has no wildcard."""
+    if not any(char in path for char in "*?["):
+        return [path]
+    import fsspec
+
+    filesystem, _ = fsspec.core.url_to_fs(path)
+    matches = sorted(filesystem.unstrip_protocol(p) if "://" in path else p for p in filesystem.glob(path))
+    if not matches:
+        raise InvalidInputError(f"input {path!r} matches no file")
+    return matches
+
+
+def read_input(path: str, declared_format: str | None = None, num_cpus: float = 1.0):
+    """A Ray Dataset over the input files; CSV title/description are read as strings."""
+    import pyarrow.csv
+    import ray.data
+
+    paths, kind = expand_paths(path), input_format(path, declared_format)
+    if kind == "csv":
+        strings = pyarrow.csv.ConvertOptions(  # empty fields are nulls, as pandas.read_csv reads them
+            column_types={column: pa.string() for column in INPUT_COLUMNS}, strings_can_be_null=True
+        )
+        return ray.data.read_csv(paths, convert_options=strings, num_cpus=num_cpus)
+    if kind == "parquet":
+        return ray.data.read_parquet(paths, num_cpus=num_cpus)
+    return ray.data.read_json(paths, lines=True, num_cpus=num_cpus)
+
+
+def absolute_uri(uri: str) -> str:
+    """A tracking URI that names the same store from any working directory (actors have their own)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri if ":" in uri else os.path.abspath(uri)  # a bare folder is a relative file store
+
+
+def row_errors(batch: pd.DataFrame, id_column: str) -> list[str | None]:
+    """Per row: None if the model's validation accepts it, else 'row <id>: <reason>'."""
+    try:
+        prepare_texts(batch)  # the usual case: the whole batch is fine
+        return [None] * len(batch)
+    except InvalidInputError:
+        pass
+    ids = batch[id_column].tolist() if id_column in batch.columns else [None] * len(batch)
+    errors: list[str | None] = []
+    for position, row_id in enumerate(ids):
+        try:
+            prepare_texts(batch.iloc[[position]])
+            errors.append(None)
+        except InvalidInputError as error:
+            reason = error.message.removeprefix("row 0: ")
+            errors.append(f"row {row_id if row_id is not None else '?'}: {reason}")
+    return errors
+
+
+class TaggerActor:
+    """A Ray Data actor: loads the model once, then tags each batch it is given."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str):
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
+        self.model = mlflow.pyfunc.load_model(model_uri, model_config={"num_threads": num_threads})
+        self.tags = list(self.model.predict(PROBE)["probabilities"].iloc[0])
+        self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in self.tags])
+        self.id_column = id_column
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        """The batch's columns + prediction, probabilities and error (bad rows are not predicted)."""
+        errors = row_errors(batch, self.id_column)
+        good = [i for i, error in enumerate(errors) if error is None]
+        predictions: list[Any] = [None] * len(batch)
+        probabilities: list[Any] = [None] * len(batch)
+        if good:
+            result = self.model.predict(batch.iloc[good][list(INPUT_COLUMNS)].reset_index(drop=True))
+            for position, tag, values in zip(good, result["prediction"], result["probabilities"]):
+                predictions[position], probabilities[position] = tag, values
+        table = pa.Table.from_pandas(batch, preserve_index=False)
+        table = table.append_column("prediction", pa.array(predictions, pa.string()))
+        table = table.append_column("probabilities", pa.array(probabilities, self.probabilities_type))
+        return table.append_column("error", pa.array(errors, pa.string()))
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` or start a local Ray, shipping the runtime package to it.
+
+    A no-op when this process is already connected (its job must then import mlflow_model).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"py_modules": [str(RUNTIME_PACKAGE)]})
+
+
+def actor_resources(config: BatchPredictConfig) -> tuple[float, int]:
+    """(Ray CPUs, torch threads) per actor; the CPUs always leave room for Ray Data's own tasks.
+
+    Actors that hold every CPU starve the file listing, read and write tasks: the job never ends.
+    Without --cpus-per-actor, each actor's torch threads are its node's cores shared among the
+    actors placed there (I/O tasks are short, so they may use the reserved cores too).
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]] or [0.0]
+    free = total - config.reserved_cpus
+    cpus = config.cpus_per_actor or min(max(nodes), free / config.concurrency)
+    if cpus <= 0 or cpus * config.concurrency > free + 1e-9:
+        raise InvalidInputError(
+            f"--concurrency {config.concurrency} x --cpus-per-actor {cpus:g} needs more than the {max(free, 0):g} "
+            f"of {total:g} Ray CPUs left to actors (Ray Data's I/O tasks keep {config.reserved_cpus:g}); "
+            "lower one of them"
+        )
+    if config.cpus_per_actor:
+        return cpus, max(1, round(cpus))
+    actors_per_node = math.ceil(config.concurrency / len(nodes))
+    return cpus, max(1, int(max(nodes) // actors_per_node))
+
+
+def summarize(output: str, config: BatchPredictConfig) -> BatchSummary:
+    """Count the rows written and collect the bad ones from the output's `error` column."""
+    import ray.data
+    from ray.data.expressions import col
+
+    written = ray.data.read_parquet(output)
+    columns = [c for c in (config.id_column, "error") if c in written.schema().names]
+    bad = written.select_columns(columns).filter(expr=col("error").is_not_null()).materialize()
+    errors = [row["error"] for row in bad.take(config.max_reported_errors)]
+    return BatchSummary(rows=written.count(), bad_rows=bad.count(), errors=errors, output=output)
+
+
+def batch_predict(config: BatchPredictConfig) -> BatchSummary:
+    """Tag every row of the input files with the model and write Parquet; return the summary."""
+    import ray
+
+    connect(config.address)
+    # Actors unpickle TaggerActor: ship this script's module by value (packaging/ is not a package).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cpus, threads = actor_resources(config)
+    dataset = read_input(config.input, config.input_format, config.io_cpus).map_batches(
+        TaggerActor,
+        fn_constructor_kwargs={
+            "model_uri": config.model_uri,
+            "tracking_uri": absolute_uri(mlflow.get_tracking_uri()),
+            "registry_uri": absolute_uri(mlflow.get_registry_uri()),
+            "num_threads": threads,
+            "id_column": config.id_column,
+        },
+        concurrency=config.concurrency,
+        batch_size=config.batch_size,
+        batch_format="pandas",
+        num_cpus=cpus,
+    )
+    dataset.write_parquet(config.output, ray_remote_args={"num_cpus": config.io_cpus})
+    return summarize(config.output, config)

@@ -1,0 +1,100 @@
+"""The fast paths change speed, not answers: length-sorted batches, and int8 with its measured cost."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLASS_TO_INDEX, WORDS, build_tiny_checkpoint, log_training_run
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import f1_score
+
+from mlflow_model.config import PackageConfig, PredictorConfig
+from mlflow_model.predictor import TorchPredictor
+from package import package_best_run
+
+
+def varied_rows(count: int, seed: int) -> pd.DataFrame:
+    """Rows from 1 to ~60 tokens long, shuffled so that lengths are not in order."""
+    rng = np.random.default_rng(seed)
+    titles = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(count)]
+    descriptions = [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 40)))) for _ in range(count)]
+    return pd.DataFrame({"title": titles, "description": descriptions})
+
+
+def predictor(checkpoint, encoder, **config) -> TorchPredictor:
+    """A predictor of the tiny model with some config fields set."""
+    return TorchPredictor.from_directories(checkpoint, encoder, PredictorConfig(**config))
+
+
+def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_encoder):
+    rows = varied_rows(50, seed=0)
+    fast = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=True)
+    plain = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=False)
+    lengths = [len(ids) for ids in fast.preprocess(rows)]
+    assert len(set(lengths)) > 10 and lengths != sorted(lengths)  # the sort really reorders
+
+    sorted_proba = fast.predict_proba(rows, batch_size=8)
+    plain_proba = plain.predict_proba(rows, batch_size=8)
+    one_by_one = np.vstack([plain.predict_proba(rows.iloc[[i]], batch_size=1) for i in range(len(rows))])
+    np.testing.assert_allclose(sorted_proba, plain_proba, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(sorted_proba, one_by_one, atol=1e-6, rtol=0)  # row i is input row i
+
+    fast_out, plain_out = fast.predict(rows, batch_size=8), plain.predict(rows, batch_size=8)
+    assert fast_out["prediction"].tolist() == plain_out["prediction"].tolist()
+    for mine, theirs in zip(fast_out["probabilities"], plain_out["probabilities"]):
+        assert mine.keys() == theirs.keys() == CLASS_TO_INDEX.keys()
+        assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-6
+
+
+def test_int8_build_predicts_the_same_tags_shape(tiny_checkpoint, tiny_encoder):
+    rows = varied_rows(20, seed=1)
+    int8 = predictor(tiny_checkpoint, tiny_encoder, quantize="int8")
+    assert any("quantized" in type(m).__module__ for m in int8.model.modules())  # Linear layers are int8
+    proba = int8.predict_proba(rows)
+    assert proba.shape == (20, len(CLASS_TO_INDEX)) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.fixture
+def labelled_csv(tmp_path) -> str:
+    """A small labelled CSV (title, description, tag), 12 rows per tag."""
+    rows = varied_rows(48, seed=2).assign(tag=[tag for tag in CLASS_TO_INDEX for _ in range(12)])
+    rows.to_csv(tmp_path / "eval.csv", index=False)
+    return str(tmp_path / "eval.csv")
+
+
+def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, tracking_uri, labelled_csv):
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3)
+    log_training_run("exp", checkpoint, 0.5)
+    config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=labelled_csv,
+                           predictor=PredictorConfig(quantize="int8"))
+    version = package_best_run(config)
+
+    frame = pd.read_csv(labelled_csv)
+    expected = {
+        name: f1_score(frame["tag"], predictor(checkpoint, tiny_encoder, quantize=q).predict(frame)["prediction"],
+                       average="weighted")
+        for name, q in (("fp32", None), ("int8", "int8"))
+    }
+    tags = version.tags
+    assert tags["quantize"] == "int8"
+    assert float(tags["fp32.f1"]) == pytest.approx(expected["fp32"], abs=1e-6)
+    assert float(tags["int8.f1"]) == pytest.approx(expected["int8"], abs=1e-6)
+    assert float(tags["int8.f1_delta"]) == pytest.approx(expected["int8"] - expected["fp32"], abs=2e-6)
+    assert tags["int8.eval_dataset"] == labelled_csv and tags["int8.eval_rows"] == "48"
+
+    info = mlflow.models.get_model_info(f"models:/tagger/{version.version}")
+    assert info.metadata["quantize"] == "int8" and info.metadata["int8.f1_delta"] == tags["int8.f1_delta"]
+    metrics = MlflowClient().get_run(tags["package_run_id"]).data.metrics
+    assert metrics["int8.f1_delta"] == pytest.approx(float(tags["int8.f1_delta"]))
+    served = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
+    assert served.model_config["quantize"] == "int8"
+
+
+def test_int8_packaging_without_a_labelled_csv_says_not_measured(tmp_path, tiny_encoder, tracking_uri, caplog):
+    log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3), 0.5)
+    config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=str(tmp_path / "no.csv"),
+                           predictor=PredictorConfig(quantize="int8"))
+    version = package_best_run(config)
+    assert version.tags["int8.f1_delta"] == "not measured" and "fp32.f1" not in version.tags
+    assert "no labelled CSV" in caplog.text
