@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "tagger"
@@ -14,6 +15,8 @@ CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
+# The small labelled dataset the project ships (build time only; absent inside a packaged model).
+SHIPPED_DATASET = Path(__file__).resolve().parent.parent / "data" / "projects.csv"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
 TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")

@@ -60,7 +60,10 @@ class TorchPredictor:
         checkpoint = read_checkpoint(checkpoint_dir)
         encoder_config = AutoConfig.from_pretrained(encoder_dir, local_files_only=True)
         model = build_model(encoder_config, checkpoint.args)
-        missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+        except RuntimeError as error:  # tensor shapes differ: another encoder than the one trained
+            raise CheckpointError(f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: {error}") from error
         if missing or unexpected:
             raise CheckpointError(
                 f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: "

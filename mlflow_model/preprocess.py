@@ -46,8 +46,8 @@ def clean_text(text: str) -> str:
 
 
 def _is_missing(value: Any) -> bool:
-    """True for None and NaN-like nulls that pandas puts in object columns."""
-    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+    """True for None and NaN-like nulls that pandas puts in object columns (lists are not null)."""
+    return value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and bool(pd.isna(value)))
 
 
 def _checked_strings(frame: pd.DataFrame, column: str, nullable: bool) -> list[str]:

@@ -10,6 +10,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
 from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
+from mlflow_model.errors import CheckpointError
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.predictor import TorchPredictor
 
@@ -39,8 +40,11 @@ def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | 
     checkpoint = read_checkpoint(checkpoint_dir)
     write_checkpoint(out_dir / CHECKPOINT_ARTIFACT, checkpoint.state_dict, checkpoint.args, checkpoint.class_to_index)
     encoder_dir = out_dir / ENCODER_ARTIFACT
-    AutoConfig.from_pretrained(base_model).save_pretrained(encoder_dir)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(encoder_dir)
+    try:
+        AutoConfig.from_pretrained(base_model).save_pretrained(encoder_dir)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(encoder_dir)
+    except OSError as error:  # not a folder with config + tokenizer, nor a reachable hub name
+        raise CheckpointError(f"cannot load the encoder config and tokenizer from {base_model!r}: {error}") from error
     return {CHECKPOINT_ARTIFACT: str(out_dir / CHECKPOINT_ARTIFACT), ENCODER_ARTIFACT: str(encoder_dir)}
 
 

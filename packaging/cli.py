@@ -12,17 +12,25 @@ HERE = Path(__file__).resolve().parent
 # even where the project is not pip-installed (e.g. `mlflow run . --env-manager conda`).
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from mlflow_model.config import MODEL_NAME, BatchPredictConfig, PackageConfig, PredictorConfig, QuickstartConfig  # noqa: E402
-from mlflow_model.errors import TaggerError  # noqa: E402
+from mlflow_model.config import (  # noqa: E402
+    MODEL_NAME,
+    BatchPredictConfig,
+    PackageConfig,
+    PredictorConfig,
+    QuickstartConfig,
+    TrainConfig,
+)
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 
 class TaggerGroup(click.Group):
-    """A click group that prints tagger's typed errors as one line instead of a traceback."""
+    """A click group that prints tagger's and MLflow's errors as one line instead of a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; a TaggerError or MlflowException becomes a one-line error, exit 1."""
         try:
             return super().invoke(ctx)
-        except TaggerError as error:
+        except MlflowException as error:  # TaggerError included
             raise click.ClickException(f"{type(error).__name__}: {error.message}") from error
 
 
@@ -110,17 +118,20 @@ def evaluate(model_uri, dataset_loc) -> None:
 
 
 class WholeNumber(click.ParamType):
-    """A positive integer that also accepts MLproject's float spelling ("2.0"), but not 2.5."""
+    """An integer >= minimum that also accepts MLproject's float spelling ("2.0"), but not 2.5."""
 
     name = "integer"
+
+    def __init__(self, minimum: int = 1) -> None:
+        self.minimum = minimum
 
     def convert(self, value, param, ctx):
         try:
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        if number < 1 or not number.is_integer():
-            self.fail(f"{value!r} must be a positive whole number", param, ctx)
+        if number < self.minimum or not number.is_integer():
+            self.fail(f"{value!r} must be a whole number >= {self.minimum}", param, ctx)
         return int(number)
 
 
@@ -153,24 +164,6 @@ def batch_predict(model_uri, input_path, output, concurrency, batch_size, cpus_p
         click.echo(f"  {error}")
     if summary.bad_rows > len(summary.errors):
         click.echo(f"  ... and {summary.bad_rows - len(summary.errors)} more (rows whose 'error' is not null)")
-
-
-from mlflow_model.config import TrainConfig  # noqa: E402
-
-
-class _Seed(click.ParamType):
-    """A whole number >= 0 that also accepts MLproject's float spelling ("1234.0")."""
-
-    name = "integer"
-
-    def convert(self, value, param, ctx):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if number < 0 or not number.is_integer():
-            self.fail(f"{value!r} must be a whole number >= 0", param, ctx)
-        return int(number)
 
 
 def _train_options(function):
@@ -210,8 +203,7 @@ def _train_config(**values):
     """TrainConfig from CLI values ("" means the default)."""
     values = {k: v for k, v in values.items() if v is not None}
     for name in ("dataset_loc", "base_model", "storage_path"):
-        # `mlflow run` shell-quotes an empty parameter as '' (inside "..." in MLproject: a literal '').
-        values[name] = None if values.get(name) in (None, "", "''", '""') else values[name]
+        values[name] = values.get(name) or None
     return TrainConfig(**values)
 
 
@@ -224,7 +216,7 @@ def _train_config(**values):
               help="Peak learning rate.")
 @click.option("--dropout-p", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.dropout_p,
               show_default=True, help="Dropout before the head.")
-@click.option("--seed", type=_Seed(), default=TrainConfig.seed, show_default=True,
+@click.option("--seed", type=WholeNumber(minimum=0), default=TrainConfig.seed, show_default=True,
               help="Seed of the split, the head and the batch order.")
 @click.option("--run-name", default="", help="MLflow run name.")
 def train(run_name, **values) -> None:
@@ -263,7 +255,7 @@ def _number_list(kind):
 @click.option("--dropout-p", "dropouts", callback=_number_list(float), default="", help="Dropouts to try.")
 @click.option("--batch-size", "batch_sizes", callback=_number_list(int), default="", help="Batch sizes to try.")
 @click.option("--num-epochs", "epochs", callback=_number_list(int), default="", help="Epoch counts to try.")
-@click.option("--seed", type=_Seed(), default=TrainConfig.seed, show_default=True)
+@click.option("--seed", type=WholeNumber(minimum=0), default=TrainConfig.seed, show_default=True)
 def sweep(lrs, dropouts, batch_sizes, epochs, **values) -> None:
     """Train every combination of the listed values, one MLflow run each, into one experiment."""
     from training.sweep import grid, sweep as run_sweep

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from bundle import log_pyfunc, stage_artifacts
-from mlflow_model.config import PackageConfig, default_base_model
+from mlflow_model.config import SHIPPED_DATASET, PackageConfig, default_base_model
 from quantization import f1_metrics, int8_accuracy_change
 from registry import register_version
 from runs import download_checkpoint, find_checkpoint, get_best_run_id
-from training.train import DEFAULT_DATASET
+
+
+def trained_param(run: Run, name: str) -> str | None:
+    """A training param as resolved by the trainer (`resolved.` first, see training.train.run_params)."""
+    return run.data.params.get(f"resolved.{name}") or run.data.params.get(name) or None
 
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
@@ -20,13 +26,16 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
     source = mlflow.get_run(run_id)
     metric_value = source.data.metrics[config.metric]
     checkpoint_path = find_checkpoint(run_id, config.metric, config.mode)
-    base_model = config.base_model or default_base_model()
+    base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
+    trained_length = trained_param(source, "max_length")
+    if config.predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
+        config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = download_checkpoint(run_id, checkpoint_path, f"{tmp}/download")
         artifacts = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
         accuracy = {}
         if config.predictor.quantize == "int8":
-            accuracy = int8_accuracy_change(artifacts, config.predictor, config.eval_dataset or str(DEFAULT_DATASET))
+            accuracy = int8_accuracy_change(artifacts, config.predictor, config.eval_dataset or str(SHIPPED_DATASET))
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.

@@ -7,6 +7,7 @@ import posixpath
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import ARGS_FILE, SAFETENSORS_FILE, TORCH_FILE
@@ -100,5 +101,8 @@ def find_checkpoint(run_id: str, metric: str = "val_loss", mode: str = "ASC") ->
 
 def download_checkpoint(run_id: str, artifact_path: str, dst: str | Path) -> Path:
     """Local copy of a run's checkpoint folder, from any artifact store MLflow supports."""
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None, dst_path=str(dst))
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None, dst_path=str(dst))
+    except MlflowException as error:  # e.g. a stale checkpoint_path tag
+        raise RunSelectionError(f"run {run_id} has no checkpoint at artifact path '{artifact_path}': {error.message}") from error
     return Path(local)

@@ -136,9 +136,11 @@ def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
     assert result.class_to_index == {tag: i for i, tag in enumerate(sorted(CLASS_TO_INDEX))}
 
     assert get_best_run_id("tiny") == result.run_id
-    version = package_best_run(PackageConfig(experiment_name="tiny", base_model=str(pretrained_encoder)))
+    version = package_best_run(PackageConfig(experiment_name="tiny"))  # encoder: the run's base_model
     assert version.tags["source_run_id"] == result.run_id
+    assert mlflow.get_run(version.tags["package_run_id"]).data.params["encoder"] == str(pretrained_encoder)
     model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
+    assert model.model_config["max_length"] == int(params["max_length"])  # served as trained
     frame = pd.DataFrame({"title": ["bert text language", "image video"], "description": ["transformer", None]})
     predictions = model.predict(frame)
     assert set(predictions["prediction"]) <= set(CLASS_TO_INDEX)
@@ -172,7 +174,10 @@ def test_cli_train_takes_mlproject_flags_and_logs_into_mlflow_run_id(
     client = MlflowClient()
     experiment_id = client.create_experiment("tiny-cli")
     parent = client.create_run(experiment_id, run_name="launched-by-mlflow-run")
-    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)  # as `mlflow run` passes it
+    # As `mlflow run` does: the entry point's raw params are on the run before training starts.
+    client.log_param(parent.info.run_id, "base_model", "")
+    client.log_param(parent.info.run_id, "seed", "7.0")
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
     # The MLproject's command line, with floats spelled as MLproject passes them.
     args = [
         "train", "--experiment-name", "tiny-cli", "--dataset-loc", str(tiny_csv), "--base-model", str(pretrained_encoder),
@@ -183,7 +188,8 @@ def test_cli_train_takes_mlproject_flags_and_logs_into_mlflow_run_id(
     assert outcome.exit_code == 0, outcome.output
     assert f'"run_id": "{parent.info.run_id}"' in outcome.output
     run = client.get_run(parent.info.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["seed"] == "7"
+    assert run.info.status == "FINISHED" and run.data.params["resolved.seed"] == "7"
+    assert run.data.params["resolved.base_model"] == str(pretrained_encoder)
     assert run.data.tags["checkpoint_path"] == "checkpoint" and "val_loss" in run.data.metrics
 
 

@@ -26,17 +26,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mlflow_model.config import CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, TrainConfig, default_base_model
+from mlflow_model.config import CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, SHIPPED_DATASET, TrainConfig, default_base_model
 from mlflow_model.errors import TaggerError
 from training.data import DatasetError, class_to_index, load_data, stratified_split
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = ROOT / "data" / "projects.csv"
 SCHEDULERS = ("linear", "cosine", "plateau", "constant")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 
@@ -69,9 +66,9 @@ class TrainResult:
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill in the defaults (dataset, encoder) and check the values a typo could break."""
-    dataset = config.dataset_loc or str(DEFAULT_DATASET)
-    if not config.dataset_loc and not DEFAULT_DATASET.is_file():
-        raise DatasetError(f"no --dataset-loc given and the default dataset {DEFAULT_DATASET} does not exist")
+    dataset = config.dataset_loc or str(SHIPPED_DATASET)
+    if not config.dataset_loc and not SHIPPED_DATASET.is_file():
+        raise DatasetError(f"no --dataset-loc given and the default dataset {SHIPPED_DATASET} does not exist")
     problems = []
     if config.scheduler not in SCHEDULERS:
         problems.append(f"scheduler must be one of {SCHEDULERS}, got {config.scheduler!r}")
@@ -197,6 +194,19 @@ def ray_session(num_cpus: int | None = None):
         ray.shutdown()
 
 
+def run_params(client: Any, run_id: str, config: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """The run's params; a value that differs from one `mlflow run` already logged goes under `resolved.`."""
+    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("storage_path", "experiment_name")}
+    params |= {
+        "max_length": data["max_length"],
+        "train_rows": len(data["train_ids"]),
+        "val_rows": len(data["val_ids"]),
+        "num_classes": len(data["class_to_index"]),
+    }
+    logged = client.get_run(run_id).data.params
+    return {(f"resolved.{k}" if k in logged and logged[k] != str(v) else k): v for k, v in params.items()}
+
+
 def train(
     config: TrainConfig,
     run_name: str | None = None,
@@ -216,33 +226,23 @@ def train(
     client = MlflowClient(tracking_uri)
     run_id, experiment_id, owned = open_run(client, config.experiment_name, run_name, tags or {}, reuse_parent)
     print(f"MLflow run {run_id} (experiment {config.experiment_name!r}, tracking {tracking_uri})")
-    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("storage_path", "experiment_name")}
-    params |= {
-        "max_length": data["max_length"],
-        "train_rows": len(data["train_ids"]),
-        "val_rows": len(data["val_ids"]),
-        "num_classes": len(data["class_to_index"]),
-    }
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-
-    storage = config.storage_path or tempfile.mkdtemp(prefix="tagger-ray-")
-    loop_config = dataclasses.asdict(config) | data | {"tracking_uri": tracking_uri, "run_id": run_id}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=False, resources_per_worker={"CPU": config.cpu_per_worker}
-        ),
-        run_config=RunConfig(
-            name=f"tagger-{run_id[:12]}",
-            storage_path=os.path.abspath(storage),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-        ),
-    )
-    status = "FAILED"
+    status, storage = "FAILED", config.storage_path or tempfile.mkdtemp(prefix="tagger-ray-")
     try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in run_params(client, run_id, config, data).items()])
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=dataclasses.asdict(config) | data | {"tracking_uri": tracking_uri, "run_id": run_id},
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers, use_gpu=False, resources_per_worker={"CPU": config.cpu_per_worker}
+            ),
+            run_config=RunConfig(
+                name=f"tagger-{run_id[:12]}",
+                storage_path=os.path.abspath(storage),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+                ),
+            ),
+        )
         with ray_session(config.num_workers * config.cpu_per_worker):
             started = time.perf_counter()
             result = trainer.fit()
