@@ -3,7 +3,9 @@
 The dataset streams through a pool of actors, each of which loads the registered model once;
 rows that fail the model's own validation get an `error` (row id + reason) instead of failing
 their batch. Output: the input columns + `prediction`, `probabilities` (a struct, one field per
-tag) and `error` (null when the row was predicted).
+tag) and `error` (null when the row was predicted). The output folder must be new or empty, so
+that it holds exactly one run's rows. Without an id column, an error names its row by its
+(truncated) title and description.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import pyarrow as pa
+from mlflow.exceptions import MlflowException
 
 from bundle import RUNTIME_PACKAGE
 from mlflow_model.config import BatchPredictConfig
@@ -86,23 +89,57 @@ def absolute_uri(uri: str) -> str:
     return uri if ":" in uri else os.path.abspath(uri)  # a bare folder is a relative file store
 
 
+def check_output(output: str) -> None:
+    """Refuse an output that is a file or a folder holding files (write_parquet would add to them)."""
+    import fsspec
+
+    filesystem, folder = fsspec.core.url_to_fs(output)
+    if not filesystem.exists(folder):
+        return
+    if not filesystem.isdir(folder):
+        raise InvalidInputError(f"--output {output!r} is a file; name a new or empty folder")
+    if filesystem.find(folder):
+        raise InvalidInputError(
+            f"--output {output!r} already holds files (an earlier run's?); name a new or empty folder"
+        )
+
+
+def row_reference(row: pd.Series, id_column: str) -> str:
+    """'row <id>', or without an id: 'row (title=..., description=...)', texts cut to 40 characters."""
+    def missing(value: Any) -> bool:
+        return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+    def shown(value: Any) -> str:
+        if isinstance(value, str):
+            return repr(value if len(value) <= 40 else value[:40] + "...")
+        return "null" if missing(value) else repr(value)
+
+    if not missing(row.get(id_column)):
+        return f"row {row[id_column]}"
+    return "row (" + ", ".join(f"{c}={shown(row.get(c))}" for c in INPUT_COLUMNS) + ")"
+
+
 def row_errors(batch: pd.DataFrame, id_column: str) -> list[str | None]:
-    """Per row: None if the model's validation accepts it, else 'row <id>: <reason>'."""
+    """Per row: None if the model's validation accepts it, else '<row reference>: <reason>'."""
     try:
         prepare_texts(batch)  # the usual case: the whole batch is fine
         return [None] * len(batch)
     except InvalidInputError:
         pass
-    ids = batch[id_column].tolist() if id_column in batch.columns else [None] * len(batch)
     errors: list[str | None] = []
-    for position, row_id in enumerate(ids):
+    for position in range(len(batch)):
         try:
             prepare_texts(batch.iloc[[position]])
             errors.append(None)
         except InvalidInputError as error:
             reason = error.message.removeprefix("row 0: ")
-            errors.append(f"row {row_id if row_id is not None else '?'}: {reason}")
+            errors.append(f"{row_reference(batch.iloc[position], id_column)}: {reason}")
     return errors
+
+
+def model_inputs(batch: pd.DataFrame) -> pd.DataFrame:
+    """title/description as object columns with None for nulls (an all-null Parquet column is float64 NaN)."""
+    return pd.DataFrame({c: batch[c].astype(object).where(batch[c].notna(), None) for c in INPUT_COLUMNS})
 
 
 class TaggerActor:
@@ -122,25 +159,40 @@ class TaggerActor:
         good = [i for i, error in enumerate(errors) if error is None]
         predictions: list[Any] = [None] * len(batch)
         probabilities: list[Any] = [None] * len(batch)
-        if good:
-            result = self.model.predict(batch.iloc[good][list(INPUT_COLUMNS)].reset_index(drop=True))
-            for position, tag, values in zip(good, result["prediction"], result["probabilities"]):
+        inputs = model_inputs(batch) if good else None
+
+        def predict(positions: list[int]) -> None:
+            result = self.model.predict(inputs.iloc[positions].reset_index(drop=True))
+            for position, tag, values in zip(positions, result["prediction"], result["probabilities"]):
                 predictions[position], probabilities[position] = tag, values
+
+        try:
+            if good:
+                predict(good)
+        except MlflowException:  # e.g. MLflow's schema enforcement: go row by row, so one row cannot sink the batch
+            for position in good:
+                try:
+                    predict([position])
+                except MlflowException as error:
+                    errors[position] = f"{row_reference(batch.iloc[position], self.id_column)}: {error.message}"
         table = pa.Table.from_pandas(batch, preserve_index=False)
         table = table.append_column("prediction", pa.array(predictions, pa.string()))
         table = table.append_column("probabilities", pa.array(probabilities, self.probabilities_type))
         return table.append_column("error", pa.array(errors, pa.string()))
 
 
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at `address` or start a local Ray, shipping the runtime package to it.
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at `address` or start a local Ray; True when this call started a local Ray.
 
-    A no-op when this process is already connected (its job must then import mlflow_model).
+    Ships the runtime package to the cluster. A no-op when this process is already connected (its
+    job must then import mlflow_model).
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"py_modules": [str(RUNTIME_PACKAGE)]})
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, runtime_env={"py_modules": [str(RUNTIME_PACKAGE)]})
+    return address is None
 
 
 def actor_resources(config: BatchPredictConfig) -> tuple[float, int]:
@@ -184,7 +236,19 @@ def batch_predict(config: BatchPredictConfig) -> BatchSummary:
     """Tag every row of the input files with the model and write Parquet; return the summary."""
     import ray
 
-    connect(config.address)
+    check_output(config.output)
+    started = connect(config.address)
+    try:
+        return run_job(config)
+    finally:
+        if started:  # a local Ray this job started; a joined cluster (--address) is left running
+            ray.shutdown()
+
+
+def run_job(config: BatchPredictConfig) -> BatchSummary:
+    """Read, tag and write on the connected Ray, then summarize the output."""
+    import ray
+
     # Actors unpickle TaggerActor: ship this script's module by value (packaging/ is not a package).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cpus, threads = actor_resources(config)

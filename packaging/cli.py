@@ -139,7 +139,7 @@ class WholeNumber(click.ParamType):
 @click.option("--model-uri", default=BatchPredictConfig.model_uri, show_default=True)
 @click.option("--input", "input_path", required=True,
               help="CSV, Parquet or JSON-lines files: a path, a folder, a glob or a URI Ray Data reads (s3://...).")
-@click.option("--output", required=True, help="Folder or URI that receives the Parquet files.")
+@click.option("--output", required=True, help="A new or empty folder (or URI) that receives the Parquet files.")
 @click.option("--concurrency", type=WholeNumber(), default=BatchPredictConfig.concurrency, show_default=True,
               help="Actors, each loading the model once.")
 @click.option("--batch-size", type=WholeNumber(), default=BatchPredictConfig.batch_size, show_default=True)
@@ -148,7 +148,7 @@ class WholeNumber(click.ParamType):
 @click.option("--format", "input_format", type=click.Choice(["csv", "parquet", "json"]), default=None,
               help="Input format (default: from the extension).")
 @click.option("--id-column", default=BatchPredictConfig.id_column, show_default=True,
-              help="Input column that names a row in the error report.")
+              help="Input column that names a row in the error report; without it, a row is named by its title and description (first 40 characters).")
 @click.option("--address", default="", help="Ray cluster to join (e.g. auto, ray://head:10001); default: local Ray.")
 def batch_predict(model_uri, input_path, output, concurrency, batch_size, cpus_per_actor, input_format, id_column,
                   address) -> None:

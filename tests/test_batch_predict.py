@@ -1,13 +1,17 @@
 """Batch inference on a real local Ray: several input files in, Parquet out, bad rows reported."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import ray
 from click.testing import CliRunner
 from conftest import build_tiny_checkpoint, log_training_run
+from mlflow.exceptions import MlflowException
 
-from batch_predict import batch_predict, input_format
+import batch_predict as job
+from batch_predict import TaggerActor, batch_predict, input_format
 from cli import cli
 from mlflow_model.config import BatchPredictConfig, PackageConfig, PredictorConfig
 from mlflow_model.errors import InvalidInputError
@@ -37,7 +41,7 @@ def champion(tmp_path, tiny_encoder, tracking_uri) -> str:
 
 @pytest.fixture
 def input_files(tmp_path) -> dict[str, pd.DataFrame]:
-    """Three files (CSV, JSON lines, Parquet); the CSV has rows 3 (null title) and 5 (both empty) bad."""
+    """Two CSVs (bad rows 3, 5, 8), JSON lines without ids (one bad), Parquet whose description is all null."""
     folder = tmp_path / "inputs"
     folder.mkdir()
     csv = pd.DataFrame({
@@ -46,11 +50,15 @@ def input_files(tmp_path) -> dict[str, pd.DataFrame]:
         "description": ["bert text", "image vision", "no title here", None, "", "text " * 200],
     })
     csv.to_csv(folder / "a.csv", index=False)
-    more = pd.DataFrame({"id": [10 + i for i in range(7)], "title": [f"image model {i}" for i in range(7)],
-                         "description": ["vision data"] * 7})
-    more.iloc[:4].to_json(folder / "b.jsonl", orient="records", lines=True)
-    more.iloc[4:].to_parquet(folder / "c.parquet")
-    return {"csv": csv, "json": more.iloc[:4], "parquet": more.iloc[4:], "folder": folder}
+    more_csv = pd.DataFrame({"id": [7, 8, 9], "title": ["image model", "  ", "data pipeline"],
+                             "description": ["vision", "", "deploy"]})
+    more_csv.to_csv(folder / "d.csv", index=False)
+    json = pd.DataFrame({"title": ["image model 0", "", "image model 2"], "description": ["vision data", "", ""]})
+    json.to_json(folder / "b.jsonl", orient="records", lines=True)
+    parquet = pd.DataFrame({"id": [14, 15, 16], "title": [f"image model {i}" for i in range(3)],
+                            "description": [np.nan] * 3})  # all-null: a float64 column in Parquet
+    parquet.to_parquet(folder / "c.parquet")
+    return {"csv": csv, "json": json, "parquet": parquet, "folder": folder}
 
 
 def test_format_comes_from_the_extension_or_is_named():
@@ -61,26 +69,71 @@ def test_format_comes_from_the_extension_or_is_named():
         input_format("folder")
 
 
-def test_every_row_once_in_parquet_and_bad_rows_reported(local_ray, champion, input_files, tmp_path):
-    folder, out = input_files["folder"], tmp_path / "out"
-    summaries = [
-        batch_predict(BatchPredictConfig(input=str(folder / "*.csv"), output=str(out / "csv"), batch_size=4)),
-        batch_predict(BatchPredictConfig(input=str(folder / "b.jsonl"), output=str(out / "json"), concurrency=2)),
-        batch_predict(BatchPredictConfig(input=str(folder / "c.parquet"), output=str(out / "parquet"))),
-    ]
-    written = pd.concat([pd.read_parquet(out / kind) for kind in ("csv", "json", "parquet")])
-    assert sorted(written["id"]) == sorted([*range(1, 7), *range(10, 17)])  # every row exactly once
+def test_one_job_over_several_files_writes_every_row_once_in_parquet_with_bad_rows_reported(
+    local_ray, champion, input_files, tmp_path
+):
+    out = tmp_path / "out"
+    config = BatchPredictConfig(input=str(input_files["folder"] / "*.csv"), output=str(out), batch_size=4)
+    summary = batch_predict(config)  # one job, two files
+    written = pd.read_parquet(out)
+    assert sorted(written["id"]) == list(range(1, 10))  # every row of both files, exactly once
     bad = written[written["error"].notna()].set_index("id")
-    assert set(bad.index) == {3, 5}
-    assert "row 3" in bad.loc[3, "error"] and "'title' is null" in bad.loc[3, "error"]
-    assert "row 5" in bad.loc[5, "error"] and "both empty" in bad.loc[5, "error"]
+    assert set(bad.index) == {3, 5, 8}
+    assert bad.loc[3, "error"] == "row 3: column 'title' is null; it must be a string"
+    assert bad.loc[5, "error"].startswith("row 5: ") and "both empty" in bad.loc[5, "error"]
+    assert bad.loc[8, "error"].startswith("row 8: ") and "both empty" in bad.loc[8, "error"]
     assert bad["prediction"].isna().all() and bad["probabilities"].isna().all()
     good = written[written["error"].isna()]
     assert set(good["prediction"]) <= TAGS
     assert all(set(p) == TAGS and abs(sum(p.values()) - 1) < 1e-5 for p in good["probabilities"])
     assert list(written.columns[:3]) == ["id", "title", "description"]  # input columns kept, first
-    assert [(s.rows, s.bad_rows) for s in summaries] == [(6, 2), (4, 0), (3, 0)]
-    assert sorted(summaries[0].errors) == sorted(bad["error"])
+    assert (summary.rows, summary.bad_rows) == (9, 3) and sorted(summary.errors) == sorted(bad["error"])
+    with pytest.raises(InvalidInputError, match="already holds files"):
+        batch_predict(config)  # a re-run never appends to (nor deletes) an earlier output
+    assert sorted(pd.read_parquet(out)["id"]) == list(range(1, 10))
+
+
+def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_predicted(
+    local_ray, champion, input_files, tmp_path
+):
+    folder, out = input_files["folder"], tmp_path / "out"
+    from_json = batch_predict(BatchPredictConfig(input=str(folder / "b.jsonl"), output=str(out / "j"), concurrency=2))
+    from_parquet = batch_predict(BatchPredictConfig(input=str(folder / "c.parquet"), output=str(out / "p")))
+    assert (from_json.rows, from_json.bad_rows, from_parquet.rows, from_parquet.bad_rows) == (3, 1, 3, 0)
+    assert from_json.errors == ["row (title='', description=''): 'title' and 'description' are both empty"]
+    parquet = pd.read_parquet(out / "p")
+    assert sorted(parquet["id"]) == [14, 15, 16] and set(parquet["prediction"]) <= TAGS
+
+
+def test_a_batch_mlflow_rejects_is_predicted_row_by_row():
+    class Model:
+        def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+            assert frame["description"].dtype == object and frame["description"].isna().all()  # NaN -> None
+            if "boom" in set(frame["title"]):
+                raise MlflowException("schema enforcement failed")
+            return pd.DataFrame({"prediction": ["mlops"] * len(frame), "probabilities": [{"mlops": 1.0}] * len(frame)})
+
+    actor = object.__new__(TaggerActor)
+    actor.model, actor.id_column, actor.probabilities_type = Model(), "id", pa.struct([("mlops", pa.float64())])
+    batch = pd.DataFrame({"id": [1, 2, 3], "title": ["a", "boom", "c"], "description": [np.nan] * 3})
+    rows = actor(batch)
+    assert rows.column("prediction").to_pylist() == ["mlops", None, "mlops"]
+    assert rows.column("error").to_pylist() == [None, "row 2: schema enforcement failed", None]
+
+
+def test_only_a_local_ray_the_job_started_is_shut_down(monkeypatch, tmp_path):
+    shutdowns, connect = [], job.connect
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    monkeypatch.setattr(job, "run_job", lambda config: (_ for _ in ()).throw(InvalidInputError("job failed")))
+    config = BatchPredictConfig(input="x.csv", output=str(tmp_path / "o"))
+    for started in (True, False):
+        monkeypatch.setattr(job, "connect", lambda address, started=started: started)
+        with pytest.raises(InvalidInputError, match="job failed"):
+            batch_predict(config)
+    assert shutdowns == [True]  # after the failed job it started; never for a Ray it joined
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    assert connect(None) is True and connect("auto") is False
 
 
 def test_cli_prints_the_bad_rows(local_ray, champion, input_files, tmp_path):
@@ -97,7 +150,7 @@ def test_cli_prints_the_bad_rows(local_ray, champion, input_files, tmp_path):
 
 def test_cli_rejects_a_fractional_concurrency(input_files, tmp_path):
     result = CliRunner().invoke(cli, ["batch-predict", "--input", "x.csv", "--output", "o", "--concurrency", "1.5"])
-    assert result.exit_code == 2 and "positive whole number" in result.output
+    assert result.exit_code == 2 and "must be a whole number >= 1" in result.output
 
 
 def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
