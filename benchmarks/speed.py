@@ -188,11 +188,11 @@ def scoring_server(model_uri: str, build: str, timeout_s: float) -> Iterator[tup
     """A real `mlflow models serve` process for one build: (base URL, seconds to /ping 200, process)."""
     import requests
 
-    from batch_predict import absolute_uri
+    from training.train import absolute_tracking_uri
 
     port = free_port()
     env = os.environ | {
-        "MLFLOW_TRACKING_URI": absolute_uri(mlflow.get_tracking_uri()),
+        "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
         "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(BUILDS[build]),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # its uvicorn
     }

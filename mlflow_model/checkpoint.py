@@ -41,13 +41,6 @@ class Checkpoint:
         return [tag for tag, _ in sorted(self.class_to_index.items(), key=lambda item: item[1])]
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    """True if the folder has args.json and weights."""
-    return (path / ARGS_FILE).is_file() and (
-        (path / SAFETENSORS_FILE).is_file() or (path / TORCH_FILE).is_file()
-    )
-
-
 def _read_json(path: Path) -> dict:
     """A JSON object from a file, or a CheckpointError saying what is wrong."""
     try:

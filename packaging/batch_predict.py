@@ -24,6 +24,7 @@ from bundle import RUNTIME_PACKAGE
 from mlflow_model.config import BatchPredictConfig
 from mlflow_model.errors import InvalidInputError
 from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts
+from training.train import absolute_tracking_uri
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
@@ -79,14 +80,6 @@ def read_input(path: str, declared_format: str | None = None, num_cpus: float = 
     if kind == "parquet":
         return ray.data.read_parquet(paths, num_cpus=num_cpus)
     return ray.data.read_json(paths, lines=True, num_cpus=num_cpus)
-
-
-def absolute_uri(uri: str) -> str:
-    """A tracking URI that names the same store from any working directory (actors have their own)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
-    return uri if ":" in uri else os.path.abspath(uri)  # a bare folder is a relative file store
 
 
 def check_output(output: str) -> None:
@@ -256,8 +249,8 @@ def run_job(config: BatchPredictConfig) -> BatchSummary:
         TaggerActor,
         fn_constructor_kwargs={
             "model_uri": config.model_uri,
-            "tracking_uri": absolute_uri(mlflow.get_tracking_uri()),
-            "registry_uri": absolute_uri(mlflow.get_registry_uri()),
+            "tracking_uri": absolute_tracking_uri(mlflow.get_tracking_uri()),
+            "registry_uri": absolute_tracking_uri(mlflow.get_registry_uri()),
             "num_threads": threads,
             "id_column": config.id_column,
         },

@@ -193,7 +193,12 @@ def test_loads_and_predicts_with_the_hub_offline(two_runs, tiny_encoder, trackin
 def test_concurrent_predict_from_eight_threads(two_runs, tiny_encoder):
     package(tiny_encoder)
     model = mlflow.pyfunc.load_model("models:/tagger/1")
-    frames = [EXAMPLES.sample(frac=1.0, random_state=i).reset_index(drop=True) for i in range(8)]
+    # Many rows of varied length per call, so that the threads' tokenizer calls really overlap.
+    rows = pd.DataFrame({
+        "title": [f"bert text {j} " * (j % 7 + 1) for j in range(64)],
+        "description": ["image video learning " * (j % 11 + 1) for j in range(64)],
+    })
+    frames = [rows.sample(frac=1.0, random_state=i).reset_index(drop=True) for i in range(8)]
     expected = [model.predict(frame) for frame in frames]
     results, errors = [None] * 8, []
     barrier = threading.Barrier(8)
