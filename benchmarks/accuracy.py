@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # mlflow_model/ and training/ without a pip install
+sys.path[:0] = [str(ROOT / "packaging"), str(ROOT)]  # packaging/ scripts, mlflow_model/ and training/
 
 from mlflow_model.config import TrainConfig  # noqa: E402
 
@@ -32,8 +32,9 @@ TARGET_MINUTES = 5.0
 
 def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) -> dict:
     """Weighted and per-class scores of a checkpoint on a labelled CSV."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score
 
+    from evaluate import per_class_scores, scores
     from mlflow_model.predictor import TorchPredictor
     from training.data import load_data
 
@@ -43,22 +44,12 @@ def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) 
     predicted = list(predictor.predict(holdout)["prediction"])
     predict_seconds = time.perf_counter() - started
     truth = list(holdout["tag"])
-    precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, average="weighted", zero_division=0)
     tags = sorted(set(truth) | set(predictor.index_to_class))
-    per_p, per_r, per_f, support = precision_recall_fscore_support(
-        truth, predicted, labels=tags, average=None, zero_division=0
-    )
     return {
-        "rows": len(truth),
+        **scores(truth, predicted),
         "accuracy": float(accuracy_score(truth, predicted)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
         "predict_seconds": predict_seconds,
-        "per_class": {
-            tag: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
-            for tag, p, r, f, n in zip(tags, per_p, per_r, per_f, support)
-        },
+        "per_class": per_class_scores(truth, predicted, tags),
     }
 
 
@@ -68,10 +59,10 @@ def table(report: dict) -> str:
     lines = [
         f"{'':30} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
         *(
-            f"{tag:30} {s['precision']:9.4f} {s['recall']:9.4f} {s['f1']:9.4f} {s['support']:8d}"
+            f"{tag:30} {s['precision']:9.4f} {s['recall']:9.4f} {s['f1']:9.4f} {s['num_samples']:8d}"
             for tag, s in scores["per_class"].items()
         ),
-        f"{'weighted':30} {scores['precision']:9.4f} {scores['recall']:9.4f} {scores['f1']:9.4f} {scores['rows']:8d}",
+        f"{'weighted':30} {scores['precision']:9.4f} {scores['recall']:9.4f} {scores['f1']:9.4f} {scores['num_samples']:8d}",
         "",
         f"accuracy {scores['accuracy']:.4f}; best epoch {report['best_epoch']} of {report['config']['num_epochs']} "
         f"(val_loss {report['val']['val_loss']:.4f}, val_f1 {report['val']['val_f1']:.4f})",

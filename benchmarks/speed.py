@@ -252,10 +252,9 @@ def served_latency(model_uri: str, build: str, frame: pd.DataFrame, config: Spee
 
 def weighted_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame) -> float:
     """Weighted F1 of a loaded build on the labelled rows."""
-    from sklearn.metrics import f1_score
+    from evaluate import scores
 
-    predictions = model.predict(frame[list(INPUT_COLUMNS)])["prediction"]
-    return float(f1_score(frame["tag"], predictions, average="weighted", zero_division=0))
+    return scores(frame["tag"], model.predict(frame[list(INPUT_COLUMNS)])["prediction"])["f1"]
 
 
 def verdicts(values: dict[str, float]) -> dict[str, dict[str, Any]]:

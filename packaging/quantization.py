@@ -5,8 +5,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from sklearn.metrics import f1_score
-
+from evaluate import scores
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.predictor import TorchPredictor
 from training.data import load_data
@@ -20,7 +19,7 @@ def weighted_f1(artifacts: dict[str, str], config: PredictorConfig, frame) -> fl
     """Weighted F1 of one build (config.quantize) of the staged model on a labelled frame."""
     predictor = TorchPredictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config)
     predictions = predictor.predict(frame[["title", "description"]])["prediction"]
-    return float(f1_score(frame["tag"], predictions, average="weighted", zero_division=0))
+    return scores(frame["tag"], predictions)["f1"]
 
 
 def int8_accuracy_change(artifacts: dict[str, str], config: PredictorConfig, dataset_loc: str) -> dict[str, str]:
