@@ -45,7 +45,7 @@ def clean_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """True for None and NaN-like nulls that pandas puts in object columns (lists are not null)."""
     return value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and bool(pd.isna(value)))
 
@@ -54,7 +54,7 @@ def _checked_strings(frame: pd.DataFrame, column: str, nullable: bool) -> list[s
     """The column's values as strings; a typed error names the first bad row."""
     values = []
     for position, value in enumerate(frame[column].tolist()):
-        if _is_missing(value):
+        if is_missing(value):
             if not nullable:
                 raise InvalidInputError(f"row {position}: column '{column}' is null; it must be a string")
             value = ""

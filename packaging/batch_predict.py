@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from bundle import RUNTIME_PACKAGE
 from mlflow_model.config import BatchPredictConfig
 from mlflow_model.errors import InvalidInputError
-from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts
+from mlflow_model.preprocess import INPUT_COLUMNS, is_missing, prepare_texts
 from training.train import absolute_tracking_uri
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
@@ -99,15 +99,12 @@ def check_output(output: str) -> None:
 
 def row_reference(row: pd.Series, id_column: str) -> str:
     """'row <id>', or without an id: 'row (title=..., description=...)', texts cut to 40 characters."""
-    def missing(value: Any) -> bool:
-        return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
-
     def shown(value: Any) -> str:
         if isinstance(value, str):
             return repr(value if len(value) <= 40 else value[:40] + "...")
-        return "null" if missing(value) else repr(value)
+        return "null" if is_missing(value) else repr(value)
 
-    if not missing(row.get(id_column)):
+    if not is_missing(row.get(id_column)):
         return f"row {row[id_column]}"
     return "row (" + ", ".join(f"{c}={shown(row.get(c))}" for c in INPUT_COLUMNS) + ")"
 
