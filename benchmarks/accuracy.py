@@ -21,10 +21,9 @@ from pathlib import Path
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "packaging"), str(ROOT)]  # packaging/ scripts, mlflow_model/ and training/
+from tagger.config import TrainConfig
 
-from mlflow_model.config import TrainConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_F1 = 0.905
 TARGET_MINUTES = 5.0
@@ -32,11 +31,9 @@ TARGET_MINUTES = 5.0
 
 def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) -> dict:
     """Weighted and per-class scores of a checkpoint on a labelled CSV."""
-    from sklearn.metrics import accuracy_score
-
-    from evaluate import per_class_scores, scores
     from mlflow_model.predictor import TorchPredictor
-    from training.data import load_data
+    from tagger.data import load_data
+    from tagger.metrics import per_class_scores, scores
 
     holdout = load_data(holdout_csv)
     predictor = TorchPredictor.from_directories(checkpoint_dir, base_model)
@@ -47,7 +44,6 @@ def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) 
     tags = sorted(set(truth) | set(predictor.index_to_class))
     return {
         **scores(truth, predicted),
-        "accuracy": float(accuracy_score(truth, predicted)),
         "predict_seconds": predict_seconds,
         "per_class": per_class_scores(truth, predicted, tags),
     }
@@ -99,8 +95,9 @@ def main(train_csv, holdout_csv, base_model, num_epochs, batch_size, lr, dropout
     import ray
     from mlflow.tracking import MlflowClient
 
-    from mlflow_model.config import default_base_model
-    from training.train import ray_session, train
+    from tagger.config import default_base_model
+    from tagger.sessions import ray_session
+    from tagger.train import train
 
     base_model = base_model or default_base_model()
     config = TrainConfig(
@@ -114,7 +111,7 @@ def main(train_csv, holdout_csv, base_model, num_epochs, batch_size, lr, dropout
         if client.get_experiment_by_name(config.experiment_name) is None:
             client.create_experiment(config.experiment_name, artifact_location=Path(tmp, "artifacts").as_uri())
         started = time.perf_counter()
-        with ray_session(num_workers * cpu_per_worker):
+        with ray_session(num_cpus=num_workers * cpu_per_worker):
             ray_start = time.perf_counter() - started
             result = train(config, run_name="accuracy-benchmark")
         checkpoint = mlflow.artifacts.download_artifacts(

@@ -24,23 +24,24 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import click
+import mlflow
 import numpy as np
 import pandas as pd
+import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "packaging"), str(ROOT)]  # packaging/ is a folder of scripts, not a package
+from mlflow_model.batching import pad_batch
+from mlflow_model.predictor import TorchPredictor
+from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts, tokenize
+from tagger.config import default_base_model
+from tagger.metrics import scores
+from tagger.sessions import absolute_tracking_uri
 
-import mlflow  # noqa: E402
-import torch  # noqa: E402
-
-from mlflow_model.config import SpeedBenchmarkConfig, default_base_model  # noqa: E402
-from mlflow_model.predictor import TorchPredictor  # noqa: E402
-from mlflow_model.preprocess import INPUT_COLUMNS, pad_batch, prepare_texts, tokenize  # noqa: E402
-
+TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")  # the random head's classes
 BUILDS = {"fp32": {"quantize": None}, "int8": {"quantize": "int8"}}
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "quantized::linear_dynamic")
 TARGETS = {  # value name: (comparison, bound), as the issue states them
@@ -55,15 +56,27 @@ TARGETS = {  # value name: (comparison, bound), as the issue states them
 }
 
 
+@dataclass(frozen=True)
+class SpeedBenchmarkConfig:
+    """What this benchmark measures and how often."""
+
+    batch_size: int = 64  # rows per forward pass of the floor's GEMMs and the profile (= the packaged default)
+    repeats: int = 3  # throughput: best of this many passes over the CSV (others share the CPU)
+    latency_requests: int = 200  # single-row requests to the scoring server per build
+    warmup_requests: int = 10
+    server_timeout_s: float = 120.0  # give up waiting for /ping after this long
+    matmul_repeats: int = 20  # fp32 floor: best of this many timings of each GEMM
+
+
 def random_head_model(folder: Path) -> str:
     """Register MiniLM + a random head in a fresh sqlite store under folder; its models:/ URI."""
     from transformers import AutoModel
 
-    from bundle import log_pyfunc, stage_artifacts
     from mlflow_model.checkpoint import write_checkpoint
-    from mlflow_model.config import TAGS, PredictorConfig
+    from mlflow_model.config import PredictorConfig
     from mlflow_model.model import FinetunedLLM, ModelArgs
-    from registry import register_version
+    from tagger.bundle import log_pyfunc, stage_artifacts
+    from tagger.registry import register_version
 
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     mlflow.set_experiment(experiment_name="speed-benchmark")
@@ -188,7 +201,6 @@ def scoring_server(model_uri: str, build: str, timeout_s: float) -> Iterator[tup
     """A real `mlflow models serve` process for one build: (base URL, seconds to /ping 200, process)."""
     import requests
 
-    from training.train import absolute_tracking_uri
 
     port = free_port()
     env = os.environ | {
@@ -252,8 +264,6 @@ def served_latency(model_uri: str, build: str, frame: pd.DataFrame, config: Spee
 
 def weighted_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame) -> float:
     """Weighted F1 of a loaded build on the labelled rows."""
-    from evaluate import scores
-
     return scores(frame["tag"], model.predict(frame[list(INPUT_COLUMNS)])["prediction"])["f1"]
 
 

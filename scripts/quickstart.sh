@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
-exec "$ROOT/.venv/bin/python" "$ROOT/packaging/cli.py" quickstart --workdir "$ROOT" "$@"
+exec "$ROOT/.venv/bin/python" -m tagger quickstart --workdir "$ROOT" "$@"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import string
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,7 +13,6 @@ from mlflow_model.checkpoint import write_checkpoint
 from mlflow_model.model import FinetunedLLM, ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "packaging"))  # packaging/ is a folder of scripts, not a package
 
 CLASS_TO_INDEX = {"natural-language-processing": 0, "computer-vision": 1, "mlops": 2, "other": 3}
 WORDS = "transformer bert language text vision image detection video pipeline deploy model learning data".split()
@@ -27,7 +25,7 @@ def build_tiny_encoder(folder: Path) -> Path:
     letters = list(string.ascii_lowercase + string.digits)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *letters, *(f"##{c}" for c in letters)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=64).save_pretrained(folder)
     BertConfig(
         vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,
@@ -65,6 +63,26 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_experiment("Default")  # forget the experiment id an earlier test made active
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def packaged_model(tmp_path_factory, tiny_encoder) -> mlflow.pyfunc.PyFuncModel:
+    """One tiny model packaged and loaded once per module, for tests that only call predict."""
+    from tagger.config import PackageConfig
+    from tagger.package import package_best_run
+
+    folder = tmp_path_factory.mktemp("packaged")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        log_training_run("exp", build_tiny_checkpoint(folder / "checkpoint", tiny_encoder, seed=2), 0.4)
+        version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder)))
+        model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
+        mlflow.set_experiment("Default")
+    mlflow.set_tracking_uri(None)
+    return model
 
 
 def log_training_run(experiment: str, checkpoint: Path | None, val_loss: float | None, tag: bool = True) -> str:

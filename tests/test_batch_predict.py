@@ -8,17 +8,19 @@ import pytest
 import ray
 from click.testing import CliRunner
 from conftest import build_tiny_checkpoint, log_training_run
-from mlflow.exceptions import MlflowException
 
-import batch_predict as job
-from batch_predict import TaggerActor, batch_predict, input_format
-from cli import cli
-from mlflow_model.config import BatchPredictConfig, PackageConfig, PredictorConfig
+from tagger.batch_predict import TaggerActor, batch_predict, input_format
+from tagger.cli import cli
+from mlflow_model.config import PredictorConfig
+from tagger.config import BatchPredictConfig, PackageConfig
 from mlflow_model.errors import InvalidInputError
-from package import package_best_run
-from registry import promote
+from mlflow_model.predictor import TorchPredictor
+from tagger.package import package_best_run
+from tagger.registry import promote
 
 TAGS = {"natural-language-processing", "computer-vision", "mlops", "other"}
+
+pytestmark = pytest.mark.slow  # a real local Ray
 
 
 @pytest.fixture(scope="module")
@@ -105,35 +107,20 @@ def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_pred
     assert sorted(parquet["id"]) == [14, 15, 16] and set(parquet["prediction"]) <= TAGS
 
 
-def test_a_batch_mlflow_rejects_is_predicted_row_by_row():
-    class Model:
-        def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-            assert frame["description"].dtype == object and frame["description"].isna().all()  # NaN -> None
-            if "boom" in set(frame["title"]):
-                raise MlflowException("schema enforcement failed")
-            return pd.DataFrame({"prediction": ["mlops"] * len(frame), "probabilities": [{"mlops": 1.0}] * len(frame)})
-
-    actor = object.__new__(TaggerActor)
-    actor.model, actor.id_column, actor.probabilities_type = Model(), "id", pa.struct([("mlops", pa.float64())])
-    batch = pd.DataFrame({"id": [1, 2, 3], "title": ["a", "boom", "c"], "description": [np.nan] * 3})
+def test_the_actor_predicts_good_rows_as_the_predictor_does_and_names_bad_ones(tiny_checkpoint, tiny_encoder):
+    predictor = TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+    actor = object.__new__(TaggerActor)  # the actor's __call__ on a real predictor, without loading from MLflow
+    actor.predictor, actor.id_column = predictor, "id"
+    actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in predictor.index_to_class])
+    batch = pd.DataFrame({"id": [1, 2, 3], "title": ["image model", None, "bert text"], "description": [np.nan] * 3})
     rows = actor(batch)
-    assert rows.column("prediction").to_pylist() == ["mlops", None, "mlops"]
-    assert rows.column("error").to_pylist() == [None, "row 2: schema enforcement failed", None]
-
-
-def test_only_a_local_ray_the_job_started_is_shut_down(monkeypatch, tmp_path):
-    shutdowns, connect = [], job.connect
-    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
-    monkeypatch.setattr(job, "run_job", lambda config: (_ for _ in ()).throw(InvalidInputError("job failed")))
-    config = BatchPredictConfig(input="x.csv", output=str(tmp_path / "o"))
-    for started in (True, False):
-        monkeypatch.setattr(job, "connect", lambda address, started=started: started)
-        with pytest.raises(InvalidInputError, match="job failed"):
-            batch_predict(config)
-    assert shutdowns == [True]  # after the failed job it started; never for a Ray it joined
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
-    assert connect(None) is True and connect("auto") is False
+    assert rows.column("error").to_pylist() == [None, "row 2: column 'title' is null; it must be a string", None]
+    expected = predictor.predict(pd.DataFrame({"title": ["image model", "bert text"], "description": [None, None]}))
+    assert rows.column("prediction").to_pylist() == [expected["prediction"][0], None, expected["prediction"][1]]
+    probabilities = rows.column("probabilities").to_pylist()
+    assert probabilities[1] is None
+    assert probabilities[0] == pytest.approx(expected["probabilities"][0])
+    assert probabilities[2] == pytest.approx(expected["probabilities"][1])
 
 
 def test_cli_prints_the_bad_rows(local_ray, champion, input_files, tmp_path):
@@ -154,7 +141,7 @@ def test_cli_rejects_a_fractional_concurrency(input_files, tmp_path):
 
 
 def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
-    from batch_predict import actor_resources
+    from tagger.batch_predict import actor_resources
 
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=1)) == (0.75, 2)
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2)) == (0.375, 1)

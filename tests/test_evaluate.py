@@ -12,15 +12,17 @@ from click.testing import CliRunner
 from conftest import CLASS_TO_INDEX, build_tiny_checkpoint
 from mlflow.tracking import MlflowClient
 
-from bundle import log_pyfunc, stage_artifacts
-from cli import cli
-from evaluate import evaluate_model, slice_masks
-from gate import decide, gated_promote
+from tagger.bundle import log_pyfunc, stage_artifacts
+from tagger.cli import cli
+from tagger.evaluate import evaluate_model, slice_masks
+from tagger.gate import decide, gated_promote
 from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
-from mlflow_model.config import EvaluateConfig, PredictorConfig
-from mlflow_model.errors import PromotionRefused, RunSelectionError, TaggerError
+from mlflow_model.config import PredictorConfig
+from tagger.config import EvaluateConfig
+from mlflow_model.errors import TaggerError
+from tagger.errors import PromotionRefused, RunSelectionError
 from mlflow_model.preprocess import prepare_texts
-from registry import champion_version, promote, register_version
+from tagger.registry import champion_version, promote, register_version
 
 NLP, CV, MLOPS, OTHER = CLASS_TO_INDEX  # "other" is absent from the evaluation CSV
 ROWS = [

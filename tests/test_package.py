@@ -16,12 +16,14 @@ from conftest import CLASS_TO_INDEX, ROOT, build_tiny_checkpoint, log_training_r
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_model.config import PackageConfig, PredictorConfig
-from mlflow_model.errors import CheckpointError, InvalidInputError, RunSelectionError
+from mlflow_model.config import PredictorConfig
+from tagger.config import PackageConfig
+from mlflow_model.errors import CheckpointError, InvalidInputError
+from tagger.errors import RunSelectionError
 from mlflow_model.predictor import TorchPredictor
-from package import package_best_run
-from registry import promote
-from runs import find_checkpoint, get_best_run_id
+from tagger.package import package_best_run
+from tagger.registry import promote
+from tagger.runs import find_checkpoint, get_best_run_id
 
 EXAMPLES = pd.DataFrame(
     {
@@ -138,11 +140,9 @@ def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
         (EXAMPLES, {"threshold": "high"}, "threshold"),
     ],
 )
-def test_bad_input_raises_a_typed_error(two_runs, tiny_encoder, frame, params, message):
-    package(tiny_encoder)
-    model = mlflow.pyfunc.load_model("models:/tagger/1")
+def test_bad_input_raises_a_typed_error(packaged_model, frame, params, message):
     with pytest.raises(MlflowException, match=message) as raised:
-        model.predict(frame, params=params)
+        packaged_model.predict(frame, params=params)
     assert raised.value.get_http_status_code() == 400
 
 
@@ -223,6 +223,7 @@ def test_concurrent_predict_from_eight_threads(two_runs, tiny_encoder):
             assert a == pytest.approx(b, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_mlproject_package_and_promote_entry_points(two_runs, tiny_encoder, tracking_uri):
     """`mlflow run . -e package` then `-e promote`, as a user runs them (empty params = defaults)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,

@@ -13,14 +13,16 @@ import pytest
 import requests
 from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run
 
-from mlflow_model.config import PackageConfig
-from package import package_best_run
-from registry import promote
+from tagger.config import PackageConfig
+from tagger.package import package_best_run
+from tagger.registry import promote
 
 RECORDS = [
     {"title": "Transformer language model", "description": "bert text"},
     {"title": "Video object detection", "description": None},
 ]
+
+pytestmark = pytest.mark.slow  # a real `mlflow models serve` process
 
 
 def free_port() -> int:

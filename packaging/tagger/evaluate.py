@@ -12,12 +12,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_support
+from sklearn.metrics import ConfusionMatrixDisplay
 
-from mlflow_model.config import EvaluateConfig
-from mlflow_model.errors import RunSelectionError
 from mlflow_model.preprocess import prepare_texts
-from training.data import load_data
+from tagger.config import EvaluateConfig
+from tagger.data import load_data
+from tagger.errors import RunSelectionError
+from tagger.metrics import per_class_scores, scores
 
 
 def _logged_model_id(client: MlflowClient, uri: str) -> str | None:
@@ -51,23 +52,6 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as error:
         raise RunSelectionError(f"cannot load model {model_uri!r}: {error.message}") from error
-
-
-def scores(y_true: pd.Series, y_pred: pd.Series) -> dict[str, float]:
-    """Weighted precision, recall and F1 (weights: true rows per tag) and the row count."""
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="weighted", zero_division=0)
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "num_samples": len(y_true)}
-
-
-def per_class_scores(y_true: pd.Series, y_pred: pd.Series, labels: list[str]) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support of each tag."""
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0
-    )
-    return {
-        tag: {"precision": float(p), "recall": float(r), "f1": float(f), "num_samples": int(n)}
-        for tag, p, r, f, n in zip(labels, precision, recall, f1, support)
-    }
 
 
 def slice_masks(tags: pd.Series, texts: list[str], config: EvaluateConfig) -> dict[str, np.ndarray]:

@@ -8,8 +8,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_model.config import CHAMPION_ALIAS, PRODUCTION_STAGE
-from mlflow_model.errors import RunSelectionError
+from tagger.config import CHAMPION_ALIAS, PRODUCTION_STAGE
+from tagger.errors import RunSelectionError
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str], description: str) -> ModelVersion:

@@ -1,8 +1,8 @@
 """A small sweep: several training configurations, one MLflow run each, in one experiment.
 
-Each configuration is a plain Ray Train run (training.train.train) sharing one local Ray; the
+Each configuration is a plain Ray Train run (tagger.train.train) sharing one local Ray; the
 runs carry the tag `sweep_id`, so the best one by `val_loss` can then be packaged with
-`packaging/cli.py package --experiment-name NAME`.
+`tagger package --experiment-name NAME`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mlflow_model.config import TrainConfig
-from training.train import TrainResult, ray_session, train
+from tagger.config import TrainConfig
+from tagger.sessions import ray_session
+from tagger.train import TrainResult, train
 
 # Fields a sweep may vary (the rest of TrainConfig is shared by every run).
 SWEEPABLE = ("lr", "dropout_p", "batch_size", "num_epochs", "weight_decay", "warmup_ratio", "scheduler", "seed")
@@ -48,7 +49,7 @@ def sweep(base: TrainConfig, overrides: list[dict[str, Any]], sweep_id: str | No
     sweep_id = sweep_id or uuid.uuid4().hex[:8]
     need = base.num_workers * base.cpu_per_worker
     results = []
-    with ray_session(need):
+    with ray_session(num_cpus=need):
         for number, changes in enumerate(overrides, start=1):
             label = ", ".join(f"{k}={v}" for k, v in changes.items()) or "base configuration"
             print(f"=== sweep {sweep_id}: configuration {number}/{len(overrides)}: {label}", flush=True)

@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from evaluate import evaluate_model
-from mlflow_model.config import EvaluateConfig
-from mlflow_model.errors import PromotionRefused
-from registry import champion_version, newest_version, promote
+from tagger.config import EvaluateConfig
+from tagger.errors import PromotionRefused
+from tagger.evaluate import evaluate_model
+from tagger.registry import champion_version, newest_version, promote
 
 
 @dataclass(frozen=True)

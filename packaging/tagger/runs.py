@@ -11,8 +11,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import ARGS_FILE, SAFETENSORS_FILE, TORCH_FILE
-from mlflow_model.config import CHECKPOINT_TAG
-from mlflow_model.errors import RunSelectionError
+from tagger.config import CHECKPOINT_TAG
+from tagger.errors import RunSelectionError
 
 RAY_PROGRESS_FILE = "progress.csv"  # Ray trial folders: one row per report, with checkpoint_dir_name
 _MAX_DEPTH = 4

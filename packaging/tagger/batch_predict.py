@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import mlflow
 import pandas as pd
 import pyarrow as pa
-from mlflow.exceptions import MlflowException
 
-from bundle import RUNTIME_PACKAGE
-from mlflow_model.config import BatchPredictConfig
 from mlflow_model.errors import InvalidInputError
 from mlflow_model.preprocess import INPUT_COLUMNS, is_missing, prepare_texts
-from training.train import absolute_tracking_uri
+from tagger.config import BatchPredictConfig
+from tagger.sessions import absolute_tracking_uri, ray_session
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
-PROBE = pd.DataFrame({"title": ["probe"], "description": [""]})  # reveals the model's tags at actor start
+NO_PREDICTIONS = pd.DataFrame(columns=["prediction", "probabilities"])  # a batch with no valid row
 
 
 @dataclass
@@ -109,17 +106,12 @@ def row_reference(row: pd.Series, id_column: str) -> str:
     return "row (" + ", ".join(f"{c}={shown(row.get(c))}" for c in INPUT_COLUMNS) + ")"
 
 
-def row_errors(batch: pd.DataFrame, id_column: str) -> list[str | None]:
+def row_errors(inputs: pd.DataFrame, batch: pd.DataFrame, id_column: str) -> list[str | None]:
     """Per row: None if the model's validation accepts it, else '<row reference>: <reason>'."""
-    try:
-        prepare_texts(batch)  # the usual case: the whole batch is fine
-        return [None] * len(batch)
-    except InvalidInputError:
-        pass
     errors: list[str | None] = []
-    for position in range(len(batch)):
+    for position in range(len(inputs)):
         try:
-            prepare_texts(batch.iloc[[position]])
+            prepare_texts(inputs.iloc[[position]])
             errors.append(None)
         except InvalidInputError as error:
             reason = error.message.removeprefix("row 0: ")
@@ -138,51 +130,26 @@ class TaggerActor:
     def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri, model_config={"num_threads": num_threads})
-        self.tags = list(self.model.predict(PROBE)["probabilities"].iloc[0])
-        self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in self.tags])
+        model = mlflow.pyfunc.load_model(model_uri, model_config={"num_threads": num_threads})
+        self.predictor = model.unwrap_python_model().predictor
+        self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in self.predictor.index_to_class])
         self.id_column = id_column
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         """The batch's columns + prediction, probabilities and error (bad rows are not predicted)."""
-        errors = row_errors(batch, self.id_column)
-        good = [i for i, error in enumerate(errors) if error is None]
-        predictions: list[Any] = [None] * len(batch)
-        probabilities: list[Any] = [None] * len(batch)
-        inputs = model_inputs(batch) if good else None
-
-        def predict(positions: list[int]) -> None:
-            result = self.model.predict(inputs.iloc[positions].reset_index(drop=True))
-            for position, tag, values in zip(positions, result["prediction"], result["probabilities"]):
-                predictions[position], probabilities[position] = tag, values
-
-        try:
-            if good:
-                predict(good)
-        except MlflowException:  # e.g. MLflow's schema enforcement: go row by row, so one row cannot sink the batch
-            for position in good:
-                try:
-                    predict([position])
-                except MlflowException as error:
-                    errors[position] = f"{row_reference(batch.iloc[position], self.id_column)}: {error.message}"
+        inputs = model_inputs(batch)
+        try:  # the usual case: every row is valid, and is validated once, by the predictor
+            errors: list[str | None] = [None] * len(batch)
+            result = self.predictor.predict(inputs)
+        except InvalidInputError:
+            errors = row_errors(inputs, batch, self.id_column)
+            good = [i for i, error in enumerate(errors) if error is None]
+            result = self.predictor.predict(inputs.iloc[good]).set_axis(good) if good else NO_PREDICTIONS
+        rows = result.reindex(range(len(batch)))  # bad rows: NaN
         table = pa.Table.from_pandas(batch, preserve_index=False)
-        table = table.append_column("prediction", pa.array(predictions, pa.string()))
-        table = table.append_column("probabilities", pa.array(probabilities, self.probabilities_type))
+        for name, kind in (("prediction", pa.string()), ("probabilities", self.probabilities_type)):
+            table = table.append_column(name, pa.array([None if is_missing(v) else v for v in rows[name]], kind))
         return table.append_column("error", pa.array(errors, pa.string()))
-
-
-def connect(address: str | None) -> bool:
-    """Join the Ray cluster at `address` or start a local Ray; True when this call started a local Ray.
-
-    Ships the runtime package to the cluster. A no-op when this process is already connected (its
-    job must then import mlflow_model).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, runtime_env={"py_modules": [str(RUNTIME_PACKAGE)]})
-    return address is None
 
 
 def actor_resources(config: BatchPredictConfig) -> tuple[float, int]:
@@ -224,23 +191,13 @@ def summarize(output: str, config: BatchPredictConfig) -> BatchSummary:
 
 def batch_predict(config: BatchPredictConfig) -> BatchSummary:
     """Tag every row of the input files with the model and write Parquet; return the summary."""
-    import ray
-
     check_output(config.output)
-    started = connect(config.address)
-    try:
+    with ray_session(config.address):
         return run_job(config)
-    finally:
-        if started:  # a local Ray this job started; a joined cluster (--address) is left running
-            ray.shutdown()
 
 
 def run_job(config: BatchPredictConfig) -> BatchSummary:
     """Read, tag and write on the connected Ray, then summarize the output."""
-    import ray
-
-    # Actors unpickle TaggerActor: ship this script's module by value (packaging/ is not a package).
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cpus, threads = actor_resources(config)
     dataset = read_input(config.input, config.input_format, config.io_cpus).map_batches(
         TaggerActor,

@@ -10,12 +10,11 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
 from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
-from mlflow_model.errors import CheckpointError
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
+from mlflow_model.errors import CheckpointError
 from mlflow_model.predictor import TorchPredictor
+from tagger.sessions import RUNTIME_PACKAGE
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_PACKAGE = ROOT / "mlflow_model"
 PYFUNC_FILE = RUNTIME_PACKAGE / "pyfunc.py"
 # What the served model imports (no Ray); pinned to the versions installed here.
 RUNTIME_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")

@@ -4,13 +4,9 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from mlflow_model.errors import TaggerError
+from tagger.errors import DatasetError
 
 REQUIRED_COLUMNS = ("title", "description", "tag")
-
-
-class DatasetError(TaggerError):
-    """A training dataset cannot be read, lacks a column, has unlabelled rows or too few rows per tag."""
 
 
 def load_data(dataset_loc: str, num_samples: int | None = None) -> pd.DataFrame:

@@ -8,15 +8,15 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
-from bundle import log_pyfunc, stage_artifacts
-from mlflow_model.config import SHIPPED_DATASET, PackageConfig, default_base_model
-from quantization import f1_metrics, int8_accuracy_change
-from registry import register_version
-from runs import download_checkpoint, find_checkpoint, get_best_run_id
+from tagger.bundle import log_pyfunc, stage_artifacts
+from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
+from tagger.quantization import f1_metrics, int8_accuracy_change
+from tagger.registry import register_version
+from tagger.runs import download_checkpoint, find_checkpoint, get_best_run_id
 
 
 def trained_param(run: Run, name: str) -> str | None:
-    """A training param as resolved by the trainer (`resolved.` first, see training.train.run_params)."""
+    """A training param as resolved by the trainer (`resolved.` first, see tagger.train.run_params)."""
     return run.data.params.get(f"resolved.{name}") or run.data.params.get(name) or None
 
 

@@ -5,10 +5,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from evaluate import scores
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.predictor import TorchPredictor
-from training.data import load_data
+from tagger.data import load_data
+from tagger.metrics import scores
 
 logger = logging.getLogger(__name__)
 F1_KEYS = ("fp32.f1", "int8.f1", "int8.f1_delta")

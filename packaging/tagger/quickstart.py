@@ -8,10 +8,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from mlflow_model.config import MODEL_NAME, PRODUCTION_STAGE, PackageConfig, QuickstartConfig, TrainConfig
-from package import package_best_run
-from registry import promote
-from training.train import train
+from tagger.config import MODEL_NAME, PRODUCTION_STAGE, PackageConfig, QuickstartConfig, TrainConfig
+from tagger.package import package_best_run
+from tagger.registry import promote
+from tagger.train import train
 
 EXAMPLES = pd.DataFrame(
     {

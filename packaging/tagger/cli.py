@@ -1,0 +1,288 @@
+"""tagger's command line: `tagger --help` or `python -m tagger --help` (MLproject entry points call it too).
+
+Every option's default is the field default of a config dataclass (`tagger.config`), shown in
+`--help`; an empty value ("", as MLproject passes for an unset parameter) means that default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import click
+from mlflow.exceptions import MlflowException
+
+from mlflow_model.config import PredictorConfig
+from tagger.config import (
+    SCHEDULERS,
+    BatchPredictConfig,
+    PackageConfig,
+    QuickstartConfig,
+    TrainConfig,
+    champion_uri,
+)
+
+
+class TaggerGroup(click.Group):
+    """A click group that prints tagger's and MLflow's errors as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a TaggerError or MlflowException becomes a one-line error, exit 1."""
+        try:
+            return super().invoke(ctx)
+        except MlflowException as error:  # TaggerError included
+            raise click.ClickException(f"{type(error).__name__}: {error.message}") from error
+
+
+class WholeNumber(click.ParamType):
+    """An integer >= minimum that also accepts MLproject's float spelling ("2.0"), but not 2.5."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int = 1) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if number < self.minimum or not number.is_integer():
+            self.fail(f"{value!r} must be a whole number >= {self.minimum}", param, ctx)
+        return int(number)
+
+
+class Blankable(click.ParamType):
+    """Another param type that reads "" (MLproject's unset parameter) as None: the built-in default."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = click.types.convert_type(inner)
+        self.name = self.inner.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return None if value in ("", None) else self.inner.convert(value, param, ctx)
+
+
+def field_default(config: type, name: str) -> Any:
+    """The default of a dataclass field, as stated in tagger.config."""
+    field = {f.name: f for f in dataclasses.fields(config)}[name]
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def setting(flag: str, config: type, kind: Any = str, help: str = "", name: str | None = None) -> Any:
+    """An option for a config field: unset or "" means the field's default, which --help shows."""
+    name = name or flag.lstrip("-").replace("-", "_")
+    default = field_default(config, name)
+    shown = "" if default is None else f" [default: {default}]"
+    return click.option(flag, name, type=Blankable(kind), default=None, help=f"{help}{shown}".strip())
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user set (None: not given, keep the config's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@click.group(cls=TaggerGroup)
+def cli() -> None:
+    """Train, package, register, promote and query the tagger model."""
+
+
+@cli.command()
+@click.option("--experiment-name", required=True, help="MLflow experiment holding the training runs.")
+@setting("--metric", PackageConfig, help="Run metric that ranks runs.")
+@setting("--mode", PackageConfig, click.Choice(["ASC", "DESC"], case_sensitive=False), help="ASC: lowest first.")
+@setting("--model-name", PackageConfig, help="Registered model name.")
+@setting("--base-model", PackageConfig, help="Encoder folder or hub name (default: the run's, else bundled all-MiniLM-L6-v2).")
+@setting("--threshold", PredictorConfig, click.FloatRange(0, 1),
+         help="Top probability under which the tag becomes 'other' (stored in the model).")
+@setting("--batch-size", PredictorConfig, WholeNumber(), help="Rows per forward pass (stored in the model).")
+@click.option("--quantize", type=Blankable(click.Choice(["none", "int8"])), default=None,
+              help="int8: dynamic int8 Linear layers at load (faster on CPU); its F1 change is measured and tagged. [default: none]")
+@setting("--eval-dataset", PackageConfig, help="Labelled CSV for int8's F1 change (default: data/projects.csv).")
+def package(experiment_name: str, threshold: float | None, batch_size: int | None, quantize: str | None,
+            **values: Any) -> None:
+    """Package the best run of an experiment and register it as a new model version."""
+    from tagger.package import package_best_run
+
+    predictor = PredictorConfig(**given({"threshold": threshold, "batch_size": batch_size}),
+                                quantize=None if quantize in (None, "none") else quantize)
+    values = given(values)
+    if "mode" in values:
+        values["mode"] = values["mode"].upper()
+    version = package_best_run(PackageConfig(experiment_name=experiment_name, predictor=predictor, **values))
+    click.echo(f"Registered {version.name} version {version.version} from run {version.tags['source_run_id']}")
+    if predictor.quantize == "int8":
+        click.echo(f"int8 weighted F1 change: {version.tags.get('int8.f1_delta')} "
+                   f"(fp32 {version.tags.get('fp32.f1', '-')}, int8 {version.tags.get('int8.f1', '-')})")
+
+
+@cli.command()
+@setting("--model-name", PackageConfig, help="Registered model name.")
+@click.option("--version", type=Blankable(str), default=None, help="Version to promote (default: the newest).")
+@click.option("--eval-dataset", type=Blankable(str), default=None,
+              help="Labelled CSV: promote only if the version's F1 on it is not worse than the champion's.")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="With --eval-dataset: promote even if the challenger scores worse (`--force` or `--force true`).")
+def promote(model_name: str | None, version: str | None, eval_dataset: str | None, force: bool) -> None:
+    """Promote a version: stage Production (previous one archived) and alias champion."""
+    model_name = model_name or field_default(PackageConfig, "model_name")
+    if eval_dataset:
+        from tagger.gate import gated_promote
+
+        promoted, decision = gated_promote(model_name, version, eval_dataset, force=force)
+        champion = f"{decision.champion_f1:.4f} (version {decision.champion})" if decision.champion else "none"
+        click.echo(f"Gate {decision.decision}: challenger F1 {decision.challenger_f1:.4f}, champion F1 {champion}")
+    else:
+        from tagger.registry import promote as promote_version
+
+        promoted = promote_version(model_name, version)
+    click.echo(f"{promoted.name} version {promoted.version} is now {promoted.current_stage} and @champion")
+
+
+@cli.command()
+@click.option("--title", required=True)
+@click.option("--description", default="")
+@click.option("--model-uri", type=Blankable(str), default=None, help=f"Model to query. [default: {champion_uri()}]")
+def predict(title: str, description: str, model_uri: str | None) -> None:
+    """Predict the tag of one project and print it as JSON."""
+    import mlflow
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_uri or champion_uri())
+    result = model.predict(pd.DataFrame({"title": [title], "description": [description]}))
+    click.echo(json.dumps(result.to_dict(orient="records"), indent=2))
+
+
+@cli.command()
+@click.option("--model-uri", type=Blankable(str), default=None,
+              help=f"models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model, ... [default: {champion_uri()}]")
+@click.option("--dataset-loc", required=True, help="Labelled CSV (title, description, tag), a path or URL.")
+def evaluate(model_uri: str | None, dataset_loc: str) -> None:
+    """Score a model on a labelled CSV, log it to MLflow, tag the version, print the metrics as JSON."""
+    from tagger.evaluate import evaluate_model
+
+    click.echo(json.dumps(evaluate_model(model_uri or champion_uri(), dataset_loc), indent=2))
+
+
+@cli.command("batch-predict")
+@setting("--model-uri", BatchPredictConfig, help="Model to run.")
+@click.option("--input", "input", required=True,
+              help="CSV, Parquet or JSON-lines files: a path, a folder, a glob or a URI Ray Data reads (s3://...).")
+@click.option("--output", required=True, help="A new or empty folder (or URI) that receives the Parquet files.")
+@setting("--concurrency", BatchPredictConfig, WholeNumber(), help="Actors, each loading the model once.")
+@setting("--batch-size", BatchPredictConfig, WholeNumber(), help="Rows per call of an actor.")
+@setting("--cpus-per-actor", BatchPredictConfig, click.FloatRange(min=0, min_open=True),
+         help="Ray CPUs per actor (its torch threads: rounded); default: the cluster's CPUs shared out.")
+@setting("--format", BatchPredictConfig, click.Choice(["csv", "parquet", "json"]), name="input_format",
+         help="Input format (default: from the extension).")
+@setting("--id-column", BatchPredictConfig,
+         help="Input column that names a row in the error report; without it, a row is named by its text.")
+@setting("--address", BatchPredictConfig, help="Ray cluster to join (e.g. auto, ray://head:10001); default: local Ray.")
+def batch_predict(**values: Any) -> None:
+    """Tag every row of CSV/Parquet/JSON-lines files on Ray Data and write Parquet (bad rows get an error)."""
+    from tagger.batch_predict import batch_predict as run_batch
+
+    summary = run_batch(BatchPredictConfig(**given(values)))
+    click.echo(f"Wrote {summary.rows} rows to {summary.output}; {summary.bad_rows} bad row(s)")
+    for error in summary.errors:
+        click.echo(f"  {error}")
+    if summary.bad_rows > len(summary.errors):
+        click.echo(f"  ... and {summary.bad_rows - len(summary.errors)} more (rows whose 'error' is not null)")
+
+
+def train_options(function: Any) -> Any:
+    """Options shared by `train` and `sweep` (MLproject's `train` parameters, plus a few extras)."""
+    T = TrainConfig  # noqa: N806
+    options = [
+        setting("--experiment-name", T, help="MLflow experiment that receives the run(s)."),
+        setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: data/projects.csv)."),
+        setting("--base-model", T, help="Encoder folder or Hugging Face name (default: bundled all-MiniLM-L6-v2)."),
+        setting("--num-workers", T, WholeNumber(), help="Ray Train workers (data parallel)."),
+        setting("--cpu-per-worker", T, WholeNumber(), help="Ray CPUs per worker, also its torch threads."),
+        setting("--val-size", T, click.FloatRange(0, 1, min_open=True, max_open=True),
+                help="Share of rows held out for validation (stratified)."),
+        setting("--max-length", T, WholeNumber(), help="Tokens kept per text."),
+        setting("--scheduler", T, click.Choice(SCHEDULERS), help="Learning-rate schedule."),
+        setting("--warmup-ratio", T, click.FloatRange(0, 1, max_open=True)),
+        setting("--weight-decay", T, click.FloatRange(0)),
+        setting("--num-samples", T, WholeNumber(), help="Use only the first N rows."),
+        setting("--storage-path", T, help="Folder for Ray Train's run files (default: a temporary folder, removed after)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@train_options
+@setting("--num-epochs", TrainConfig, WholeNumber())
+@setting("--batch-size", TrainConfig, WholeNumber(), help="Global batch size (split between workers).")
+@setting("--lr", TrainConfig, click.FloatRange(0, min_open=True), help="Peak learning rate.")
+@setting("--dropout-p", TrainConfig, click.FloatRange(0, 1, max_open=True), help="Dropout before the head.")
+@setting("--seed", TrainConfig, WholeNumber(minimum=0), help="Seed of the split, the head and the batch order.")
+@click.option("--run-name", type=Blankable(str), default=None, help="MLflow run name.")
+def train(run_name: str | None, **values: Any) -> None:
+    """Fine-tune the classifier on Ray Train; one MLflow run with metrics and its best checkpoint."""
+    from tagger.train import train as train_model
+
+    result = train_model(TrainConfig(**given(values)), run_name=run_name)
+    click.echo(json.dumps({
+        "run_id": result.run_id, "best_epoch": result.best_epoch,
+        "val_loss": round(result.best_metrics["val_loss"], 4), "val_f1": round(result.best_metrics["val_f1"], 4),
+        "train_minutes": round(result.train_seconds / 60, 2),
+    }))
+
+
+def number_list(kind: type) -> Any:
+    """Parse a comma-separated list of numbers ("1e-4,5e-5")."""
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> list:
+        if value in (None, ""):
+            return []
+        try:
+            numbers = [float(part) for part in str(value).split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+        if kind is int:
+            if any(n < 1 or not n.is_integer() for n in numbers):
+                raise click.BadParameter(f"{value!r}: each value must be a positive whole number")
+            numbers = [int(n) for n in numbers]
+        return numbers
+    return parse
+
+
+@cli.command()
+@train_options
+@click.option("--lr", "lrs", callback=number_list(float), default="",
+              help="Learning rates to try, comma-separated (default: TrainConfig.lr x 0.5, 1, 2).")
+@click.option("--dropout-p", "dropouts", callback=number_list(float), default="", help="Dropouts to try.")
+@click.option("--batch-size", "batch_sizes", callback=number_list(int), default="", help="Batch sizes to try.")
+@click.option("--num-epochs", "epochs", callback=number_list(int), default="", help="Epoch counts to try.")
+@setting("--seed", TrainConfig, WholeNumber(minimum=0))
+def sweep(lrs: list, dropouts: list, batch_sizes: list, epochs: list, **values: Any) -> None:
+    """Train every combination of the listed values, one MLflow run each, into one experiment."""
+    from tagger.sweep import grid, sweep as run_sweep
+
+    if not (lrs or dropouts or batch_sizes or epochs):
+        lrs = [TrainConfig.lr * 0.5, TrainConfig.lr, TrainConfig.lr * 2]
+    outcome = run_sweep(
+        TrainConfig(**given(values)), grid(lr=lrs, dropout_p=dropouts, batch_size=batch_sizes, num_epochs=epochs)
+    )
+    click.echo(json.dumps({
+        "sweep_id": outcome.sweep_id, "runs": [r.run_id for r in outcome.results], "best_run_id": outcome.best.run_id,
+        "best_val_loss": round(outcome.best.best_metrics["val_loss"], 4),
+    }))
+
+
+@cli.command()
+@setting("--workdir", QuickstartConfig, help="Folder that receives mlflow.db (tracking + registry) and mlruns/ (artifacts).")
+@setting("--experiment-name", QuickstartConfig)
+@setting("--num-epochs", QuickstartConfig, click.IntRange(min=1))
+def quickstart(**values: Any) -> None:
+    """Train on the shipped data, package, register, promote and predict: the whole flow."""
+    from tagger.quickstart import quickstart as run_quickstart
+
+    run_quickstart(QuickstartConfig(**given(values)))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,1 +1,0 @@
-"""Training on Ray Train (build time only; the served model never imports it)."""
