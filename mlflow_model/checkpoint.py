@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from mlflow_model.errors import CheckpointError
-from mlflow_model.model import ModelArgs
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: an ONNX model never needs it
+    import torch
+
+    from mlflow_model.model import FinetunedLLM
 
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "model.pt"
@@ -25,6 +27,15 @@ LABELS_FILE = "class_to_index.json"
 RAY_METADATA_FILE = ".metadata.json"
 # Buffers that older transformers saved in the state dict and newer ones rebuild themselves.
 _IGNORED_KEYS = ("llm.embeddings.position_ids",)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Constructor arguments of FinetunedLLM, stored as args.json beside the weights."""
+
+    dropout_p: float
+    embedding_dim: int
+    num_classes: int
 
 
 @dataclass
@@ -85,6 +96,9 @@ def read_class_to_index(folder: Path) -> dict[str, int]:
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Weights without unpickling: safetensors first, else torch.load(weights_only=True)."""
+    import torch
+    from safetensors.torch import load_file
+
     try:
         if (folder / SAFETENSORS_FILE).is_file():
             state = load_file(folder / SAFETENSORS_FILE)
@@ -112,6 +126,26 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     return Checkpoint(read_state_dict(folder), args, labels)
 
 
+def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> FinetunedLLM:
+    """The trained FinetunedLLM: the encoder's architecture (config.json) with the checkpoint's weights."""
+    from transformers import AutoConfig
+
+    from mlflow_model.model import build_model
+
+    checkpoint = read_checkpoint(checkpoint_dir)
+    model = build_model(AutoConfig.from_pretrained(encoder_dir, local_files_only=True), checkpoint.args)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+    except RuntimeError as error:  # tensor shapes differ: another encoder than the one trained
+        raise CheckpointError(f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: {error}") from error
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()
+
+
 def write_checkpoint(
     folder: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -120,6 +154,9 @@ def write_checkpoint(
     torch_format: bool = False,
 ) -> Path:
     """Write the layout: model.safetensors (and model.pt if asked), args.json, class_to_index.json."""
+    import torch
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}

@@ -12,6 +12,10 @@ from typing import Any
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
+TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor tokenizes with
+ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
+ENGINES = ("torch", "onnx")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,12 @@ class PredictorConfig:
     max_length: int | None = None  # None: the encoder's own limit
     num_threads: int | None = None  # None: every core this process may use
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
-    quantize: str | None = None  # None (fp32) or "int8" (dynamic int8 Linear layers)
+    engine: str = "torch"  # one of ENGINES: torch (the reference) or onnx (ONNX Runtime)
+    precision: str = "fp32"  # one of PRECISIONS: fp32, bf16 (torch), int8 (dynamic int8 Linear layers)
+    max_batch_rows: int = 32  # the inference thread runs at most this many rows of waiting requests at once
+    max_wait_ms: float = 2.0  # ...and waits at most this long after the first for more to arrive
+    timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)
+    max_request_rows: int | None = None  # rows one online request may hold; None: no limit (set at packaging)
     fallback_tag: str = FALLBACK_TAG
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,19 +1,12 @@
 """The classifier: a Hugging Face encoder, dropout and a linear head on the pooled output."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from mlflow_model.checkpoint import ModelArgs
 
-@dataclass(frozen=True)
-class ModelArgs:
-    """Constructor arguments of FinetunedLLM, stored as args.json beside the weights."""
-
-    dropout_p: float
-    embedding_dim: int
-    num_classes: int
+__all__ = ["FinetunedLLM", "ModelArgs", "build_model"]
 
 
 class FinetunedLLM(nn.Module):

@@ -1,94 +1,80 @@
-"""TorchPredictor: preprocess -> forward -> postprocess, the three steps of a prediction."""
+"""The predictor: preprocess -> forward -> postprocess, the three steps of a prediction.
+
+`Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
+runs the token ids through its engine on its one inference thread (which batches the rows of
+concurrent requests), and turns probabilities into tags. `TorchPredictor` (the reference and the
+default) and `OnnxPredictor` only differ in the engine they build from the model's files.
+"""
 from __future__ import annotations
 
-import os
-import threading
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from mlflow_model.checkpoint import read_checkpoint
-from mlflow_model.config import PredictorConfig
-from mlflow_model.errors import CheckpointError, InvalidInputError
-from mlflow_model.model import FinetunedLLM, build_model
 from mlflow_model.batching import batched_logits, softmax
-from mlflow_model.preprocess import prepare_texts, tokenize
+from mlflow_model.checkpoint import read_args, read_class_to_index
+from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig
+from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, usable_cores
+from mlflow_model.errors import CheckpointError, InvalidInputError
+from mlflow_model.inference import InferenceThread
+from mlflow_model.preprocess import load_tokenizer, prepare_texts, tokenize
 
 
-def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of the Linear layers (weights int8, activations per batch)."""
-    import warnings
-
-    with warnings.catch_warnings():  # torch marks torch.ao.quantization deprecated (torchao)
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (respects CPU affinity, unlike os.cpu_count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class TorchPredictor:
-    """A trained FinetunedLLM with its tokenizer and tags, ready to predict DataFrames."""
-
-    def __init__(self, model: FinetunedLLM, tokenizer: Any, index_to_class: list[str], config: PredictorConfig):
-        self.model = model.eval()
-        if config.quantize == "int8":
-            self.model = _quantize_int8(self.model)
-        elif config.quantize is not None:
-            raise CheckpointError(f"unknown quantize={config.quantize!r}; use None or 'int8'")
-        self.tokenizer = tokenizer
-        self.index_to_class = list(index_to_class)
-        self.config = config
-        self.max_length = config.max_length or min(
-            tokenizer.model_max_length, model.llm.config.max_position_embeddings
+def index_to_class(checkpoint_dir: str | Path) -> list[str]:
+    """Tag of each output index, from the checkpoint's label map (checked against args.json)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    labels = read_class_to_index(folder)
+    if len(labels) != read_args(folder).num_classes:
+        raise CheckpointError(
+            f"{folder}: args.json says num_classes={read_args(folder).num_classes} but the label map has {len(labels)} tags"
         )
-        # Fast tokenizers raise "Already borrowed" when one instance is used by two threads.
-        self._tokenizer_lock = threading.Lock()
-        torch.set_num_threads(config.num_threads or _usable_cores())
+    return [tag for tag, _ in sorted(labels.items(), key=lambda item: item[1])]
 
-    @classmethod
-    def from_directories(
-        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
-    ) -> TorchPredictor:
-        """Build from a checkpoint folder and an encoder folder (config + tokenizer), offline."""
-        from transformers import AutoConfig, AutoTokenizer
 
-        checkpoint = read_checkpoint(checkpoint_dir)
-        encoder_config = AutoConfig.from_pretrained(encoder_dir, local_files_only=True)
-        model = build_model(encoder_config, checkpoint.args)
-        try:
-            missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
-        except RuntimeError as error:  # tensor shapes differ: another encoder than the one trained
-            raise CheckpointError(f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: {error}") from error
-        if missing or unexpected:
-            raise CheckpointError(
-                f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
-        return cls(model, tokenizer, checkpoint.index_to_class, config or PredictorConfig())
+def encoder_settings(encoder_dir: str | Path) -> dict[str, Any]:
+    """The encoder's config.json (pad id, position limit, heads) as a dict, read without transformers."""
+    path = Path(encoder_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read the encoder config {path}: {error}") from error
+
+
+def encoder_max_length(encoder_dir: str | Path) -> int:
+    """Longest input the encoder takes: its tokenizer's limit, capped by its position embeddings."""
+    limits = [encoder_settings(encoder_dir).get("max_position_embeddings") or 512]
+    tokenizer_config = Path(encoder_dir) / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        limit = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        if isinstance(limit, int) and limit < 10**6:  # transformers writes 1e30 for "no limit"
+            limits.append(limit)
+    return int(min(limits))
+
+
+class Predictor:
+    """Title + description rows -> tag and per-tag probabilities, over any engine."""
+
+    def __init__(self, engine: Engine, encoder_dir: str | Path, labels: list[str], config: PredictorConfig) -> None:
+        self.engine, self.index_to_class, self.config = engine, list(labels), config
+        self.max_length = config.max_length or encoder_max_length(encoder_dir)
+        self.tokenizer = load_tokenizer(Path(encoder_dir) / TOKENIZER_FILE, self.max_length)
+        self.pad_id = int(encoder_settings(encoder_dir).get("pad_token_id") or 0)
+        self.inference = InferenceThread(
+            self.run_batch, config.max_batch_rows, config.max_wait_ms, config.timeout_s, warmup=self.warmup
+        )
 
     def preprocess(self, frame: pd.DataFrame) -> list[list[int]]:
         """Validated, cleaned and tokenized rows (unpadded token ids), in input order."""
-        texts = prepare_texts(frame)
-        with self._tokenizer_lock:
-            return tokenize(self.tokenizer, texts, self.max_length)
+        return tokenize(self.tokenizer, prepare_texts(frame))
 
     def forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Class probabilities per row, in input order, from padded micro-batches (length-sorted by default)."""
-        pad_id = self.tokenizer.pad_token_id or 0
-        logits = batched_logits(self._logits, token_ids, batch_size, pad_id, self.config.sort_by_length)
-        return softmax(logits)
-
-    @torch.inference_mode()
-    def _logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """The model's logits for one padded batch, as float32."""
-        return self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).float().numpy()
+        """Class probabilities per row, in input order, computed on the inference thread."""
+        return self.inference.submit(token_ids, batch_size)
 
     def postprocess(self, probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
         """Top tag per row (the fallback tag under the threshold) and every tag's probability."""
@@ -112,6 +98,25 @@ class TorchPredictor:
         limit = self._checked_threshold(threshold)
         return self.postprocess(self.predict_proba(frame, batch_size), limit)
 
+    def run_batch(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+        """Probabilities of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""
+        logits = batched_logits(self.engine.logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
+        return softmax(logits)
+
+    def warmup(self) -> None:
+        """One forward on the inference thread at load, so the first request does not pay for it."""
+        self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1)
+
+    def close(self) -> None:
+        """Stop the inference thread (a predictor that is dropped without close keeps an idle thread)."""
+        self.inference.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _checked_batch_size(self, batch_size: Any) -> int:
         """The batch size to use, or InvalidInputError naming the param."""
         size = self.config.batch_size if batch_size is None else batch_size
@@ -125,3 +130,42 @@ class TorchPredictor:
         if isinstance(limit, bool) or not isinstance(limit, (int, float, np.number)) or not 0.0 <= limit <= 1.0:
             raise InvalidInputError(f"param 'threshold' must be a number between 0 and 1, got {limit!r}")
         return float(limit)
+
+
+class TorchPredictor(Predictor):
+    """The reference predictor: FinetunedLLM in eval mode on torch (fp32, bf16 or dynamic int8)."""
+
+    @classmethod
+    def from_directories(
+        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
+    ) -> TorchPredictor:
+        """Build from a checkpoint folder and an encoder folder (config + tokenizer), offline."""
+        from mlflow_model.checkpoint import load_finetuned
+
+        import torch
+
+        config = config or PredictorConfig()
+        torch.set_num_threads(config.num_threads or usable_cores())
+        engine = TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision)
+        return cls(engine, encoder_dir, index_to_class(checkpoint_dir), config)
+
+
+class OnnxPredictor(Predictor):
+    """The same pipeline on ONNX Runtime: imports neither torch nor transformers."""
+
+    @classmethod
+    def from_directories(
+        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
+    ) -> OnnxPredictor:
+        """Build from a folder holding model.onnx + label map, and the encoder's tokenizer folder."""
+        config = config or PredictorConfig(engine="onnx")
+        engine = OnnxEngine(Path(checkpoint_dir) / ONNX_FILE, config.num_threads or usable_cores())
+        return cls(engine, encoder_dir, index_to_class(checkpoint_dir), config)
+
+
+def load_predictor(checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig) -> Predictor:
+    """The predictor of the model's engine."""
+    kinds = {"torch": TorchPredictor, "onnx": OnnxPredictor}
+    if config.engine not in kinds:
+        raise CheckpointError(f"unknown engine {config.engine!r}; use one of {sorted(kinds)}")
+    return kinds[config.engine].from_directories(checkpoint_dir, encoder_dir, config)

@@ -1,13 +1,15 @@
-"""Text preprocessing shared by training and serving: one function, imported by both."""
+"""Text preprocessing shared by training and serving: validation, cleaning and tokenization, imported by both."""
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tokenizers import Tokenizer
 
-from mlflow_model.errors import InvalidInputError
+from mlflow_model.errors import CheckpointError, InvalidInputError
 
 INPUT_COLUMNS = ("title", "description")
 
@@ -90,6 +92,22 @@ def prepare_texts(frame: pd.DataFrame) -> list[str]:
     return texts
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to max_length, unpadded (padding is done per batch)."""
-    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+def configure_tokenizer(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """The tokenizer set to truncate to max_length and never pad (padding is done per batch)."""
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path, max_length: int) -> Tokenizer:
+    """The encoder's fast tokenizer from its tokenizer.json (the `tokenizers` library: no transformers)."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # missing or unreadable file
+        raise CheckpointError(f"cannot load the tokenizer {path}: {error}") from error
+    return configure_tokenizer(tokenizer, max_length)
+
+
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text, with the encoder's special tokens, truncated, unpadded."""
+    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 import requests
 from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run
 
+from mlflow_model.config import PredictorConfig
 from tagger.config import PackageConfig
 from tagger.package import package_best_run
 from tagger.registry import promote
@@ -23,6 +25,9 @@ RECORDS = [
 ]
 
 pytestmark = pytest.mark.slow  # a real `mlflow models serve` process
+
+
+MAX_ROWS = 40  # the packaged per-request row limit
 
 
 def free_port() -> int:
@@ -45,7 +50,9 @@ def server(tmp_path_factory) -> str:
         mlflow.set_experiment("Default")  # forget the experiment id an earlier test made active
         log_training_run("exp", build_tiny_checkpoint(tmp / "c1", encoder, seed=1), 0.8)
         log_training_run("exp", build_tiny_checkpoint(tmp / "c2", encoder, seed=2), 0.3)
-        promote("tagger", package_best_run(PackageConfig(experiment_name="exp", base_model=str(encoder))).version)
+        config = PackageConfig(experiment_name="exp", base_model=str(encoder),
+                               predictor=PredictorConfig(max_request_rows=MAX_ROWS))
+        promote("tagger", package_best_run(config).version)
         mlflow.set_tracking_uri(None)
     port = free_port()
     # The scoring server runs `uvicorn` from PATH: put this interpreter's bin folder first.
@@ -129,3 +136,26 @@ def test_bad_input_is_a_400_without_traceback(server, payload, message):
     assert "stack_trace" not in body and "Traceback" not in response.text
     assert requests.get(f"{server}/ping", timeout=5).status_code == 200  # still up
     assert invoke(server, {"dataframe_records": RECORDS[:1]}).status_code == 200
+
+
+def test_a_request_over_the_row_limit_is_a_400_naming_it_and_batch_predict(server):
+    rows = [{"title": f"image model {i}", "description": "vision"} for i in range(MAX_ROWS + 1)]
+    response = invoke(server, {"dataframe_records": rows})
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    assert f"at most {MAX_ROWS} rows" in message and "max_request_rows" in message and "batch-predict" in message
+    full = invoke(server, {"dataframe_records": rows[:MAX_ROWS]})
+    assert full.status_code == 200 and len(full.json()["predictions"]) == MAX_ROWS  # the limit itself is fine
+
+
+def test_concurrent_clients_get_what_a_lone_client_gets(server):
+    rows = [{"title": f"{word} project {i}", "description": "data " * (i % 7)}
+            for i, word in enumerate(["bert", "vision", "deploy", "text", "image", "pipeline"] * 4)]
+    alone = [invoke(server, {"dataframe_records": [row]}).json()["predictions"][0] for row in rows]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda row: invoke(server, {"dataframe_records": [row]}), rows * 3))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:2]
+    for expected, response in zip(alone * 3, responses):
+        got = response.json()["predictions"][0]
+        assert got["prediction"] == expected["prediction"]
+        assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)

@@ -1,23 +1,29 @@
 """Bundle a checkpoint and its encoder into an MLflow pyfunc model (models from code)."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature, infer_signature
+from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
 from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.errors import CheckpointError
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.integrity import MANIFEST_KEY, build_manifest, verify_manifest
+from mlflow_model.predictor import Predictor, load_predictor
 from tagger.sessions import RUNTIME_PACKAGE
 
 PYFUNC_FILE = RUNTIME_PACKAGE / "pyfunc.py"
-# What the served model imports (no Ray); pinned to the versions installed here.
-RUNTIME_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+# What the served model imports, per engine (no Ray); pinned to the versions installed here.
+RUNTIME_REQUIREMENTS = {
+    "torch": ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"),
+    "onnx": ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas"),
+}
 INPUT_EXAMPLE = pd.DataFrame(
     {
         "title": ["Transfer learning with transformers", "Real-time object detection on video"],
@@ -26,9 +32,9 @@ INPUT_EXAMPLE = pd.DataFrame(
 )
 
 
-def pinned_requirements() -> list[str]:
-    """`name==version` for each runtime package, as installed (local labels like +cpu dropped)."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_REQUIREMENTS]
+def pinned_requirements(engine: str) -> list[str]:
+    """`name==version` for each package the engine's served model imports (local labels like +cpu dropped)."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_REQUIREMENTS[engine]]
 
 
 def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path) -> dict[str, str]:
@@ -47,25 +53,46 @@ def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | 
     return {CHECKPOINT_ARTIFACT: str(out_dir / CHECKPOINT_ARTIFACT), ENCODER_ARTIFACT: str(encoder_dir)}
 
 
-def model_signature(predictor: TorchPredictor, config: PredictorConfig) -> ModelSignature:
+def model_signature(predictor: Predictor, config: PredictorConfig) -> ModelSignature:
     """Input columns, output columns and the params with their packaged defaults."""
     params = {"threshold": float(config.threshold), "batch_size": int(config.batch_size)}
     return infer_signature(INPUT_EXAMPLE, predictor.predict(INPUT_EXAMPLE), params=params)
+
+
+def request_row_limit(predictor: Predictor, config: PredictorConfig, rows: int = 256, share: float = 0.5) -> int:
+    """Rows one online request may hold: what this build predicts in `share` of the request timeout, measured here."""
+    frame = pd.concat([INPUT_EXAMPLE] * (rows // len(INPUT_EXAMPLE)), ignore_index=True)
+    predictor.predict(frame.head(config.batch_size))  # warm-up
+    started = time.perf_counter()
+    predictor.predict(frame)
+    rows_per_s = len(frame) / (time.perf_counter() - started)
+    return max(100, int(rows_per_s * config.timeout_s * share) // 100 * 100)
 
 
 def log_pyfunc(
     artifacts: dict[str, str], config: PredictorConfig, metadata: dict[str, str] | None = None
 ) -> ModelInfo:
     """Log the pyfunc into the active run; the predictor is built once here to check it loads."""
-    predictor = TorchPredictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config)
+    with load_predictor(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
+        signature = model_signature(predictor, config)
+        if config.max_request_rows is None:
+            config = dataclasses.replace(config, max_request_rows=request_row_limit(predictor, config))
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_FILE),
         artifacts=artifacts,
         code_paths=[str(RUNTIME_PACKAGE)],
-        model_config=config.to_dict(),
-        signature=model_signature(predictor, config),
+        model_config=config.to_dict() | {MANIFEST_KEY: build_manifest(artifacts)},
+        signature=signature,
         input_example=INPUT_EXAMPLE,
-        pip_requirements=pinned_requirements(),
-        metadata={"quantize": config.quantize or "none", **(metadata or {})},
+        pip_requirements=pinned_requirements(config.engine),
+        metadata={"engine": config.engine, "precision": config.precision, **(metadata or {})},
     )
+
+
+def verify_package(model_uri: str) -> int:
+    """Download a packaged model and check its files against its integrity manifest; the files checked."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
+    artifacts = {name: str(local / entry["path"]) for name, entry in flavor.get("artifacts", {}).items()}
+    return verify_manifest(artifacts, flavor.get("config", {}).get(MANIFEST_KEY))

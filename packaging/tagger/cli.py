@@ -12,7 +12,7 @@ from typing import Any
 import click
 from mlflow.exceptions import MlflowException
 
-from mlflow_model.config import PredictorConfig
+from mlflow_model.config import ENGINES, PRECISIONS, PredictorConfig
 from tagger.config import (
     SCHEDULERS,
     BatchPredictConfig,
@@ -96,24 +96,30 @@ def cli() -> None:
 @setting("--threshold", PredictorConfig, click.FloatRange(0, 1),
          help="Top probability under which the tag becomes 'other' (stored in the model).")
 @setting("--batch-size", PredictorConfig, WholeNumber(), help="Rows per forward pass (stored in the model).")
-@click.option("--quantize", type=Blankable(click.Choice(["none", "int8"])), default=None,
-              help="int8: dynamic int8 Linear layers at load (faster on CPU); its F1 change is measured and tagged. [default: none]")
-@setting("--eval-dataset", PackageConfig, help="Labelled CSV for int8's F1 change (default: data/projects.csv).")
-def package(experiment_name: str, threshold: float | None, batch_size: int | None, quantize: str | None,
-            **values: Any) -> None:
+@setting("--engine", PredictorConfig, click.Choice(ENGINES), help="torch (the reference) or onnx (ONNX Runtime).")
+@setting("--precision", PredictorConfig, click.Choice(PRECISIONS),
+         help="fp32, bf16 (torch) or int8; a build other than torch fp32 gets its F1 change measured and tagged.")
+@setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
+@setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
+@setting("--max-request-rows", PredictorConfig, WholeNumber(),
+         help="Serving: most rows one request may hold (default: measured here, half the request timeout's worth).")
+@setting("--eval-dataset", PackageConfig, help="Labelled CSV for a build's F1 change (default: data/projects.csv).")
+def package(experiment_name: str, **values: Any) -> None:
     """Package the best run of an experiment and register it as a new model version."""
     from tagger.package import package_best_run
 
-    predictor = PredictorConfig(**given({"threshold": threshold, "batch_size": batch_size}),
-                                quantize=None if quantize in (None, "none") else quantize)
     values = given(values)
+    serving = {name for name in PredictorConfig.__dataclass_fields__ if name in values}
+    predictor = PredictorConfig(**{name: values.pop(name) for name in serving})
     if "mode" in values:
         values["mode"] = values["mode"].upper()
     version = package_best_run(PackageConfig(experiment_name=experiment_name, predictor=predictor, **values))
-    click.echo(f"Registered {version.name} version {version.version} from run {version.tags['source_run_id']}")
-    if predictor.quantize == "int8":
-        click.echo(f"int8 weighted F1 change: {version.tags.get('int8.f1_delta')} "
-                   f"(fp32 {version.tags.get('fp32.f1', '-')}, int8 {version.tags.get('int8.f1', '-')})")
+    click.echo(f"Registered {version.name} version {version.version} ({predictor.engine} {predictor.precision}) "
+               f"from run {version.tags['source_run_id']}")
+    if "accuracy.f1_delta" in version.tags:
+        click.echo(f"weighted F1 change against torch fp32: {version.tags['accuracy.f1_delta']} "
+                   f"(torch fp32 {version.tags.get('accuracy.reference_f1', '-')}, "
+                   f"this build {version.tags.get('accuracy.f1', '-')})")
 
 
 @cli.command()
@@ -162,6 +168,16 @@ def evaluate(model_uri: str | None, dataset_loc: str) -> None:
     from tagger.evaluate import evaluate_model
 
     click.echo(json.dumps(evaluate_model(model_uri or champion_uri(), dataset_loc), indent=2))
+
+
+@cli.command()
+@click.option("--model-uri", type=Blankable(str), default=None, help=f"Model to check. [default: {champion_uri()}]")
+def verify(model_uri: str | None) -> None:
+    """Check a packaged model's files against the SHA-256 manifest recorded when it was packaged."""
+    from tagger.bundle import verify_package
+
+    uri = model_uri or champion_uri()
+    click.echo(f"{uri}: {verify_package(uri)} artifact files match the manifest recorded at packaging")
 
 
 @cli.command("batch-predict")

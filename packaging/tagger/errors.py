@@ -22,3 +22,7 @@ class DatasetError(TaggerError):
 
 class TrainConfigError(TaggerError):
     """A training setting is out of range (e.g. an unknown scheduler, zero epochs)."""
+
+
+class BuildError(TaggerError):
+    """An engine x precision that does not exist, or a build that failed its check against torch fp32."""

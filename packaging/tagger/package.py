@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from dataclasses import replace
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
-from tagger.bundle import log_pyfunc, stage_artifacts
+from tagger.builds import accuracy_change, check_build, f1_metrics, is_reference, onnx_artifacts
+from tagger.bundle import INPUT_EXAMPLE, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
-from tagger.quantization import f1_metrics, int8_accuracy_change
+from tagger.data import load_data
 from tagger.registry import register_version
 from tagger.runs import download_checkpoint, find_checkpoint, get_best_run_id
 
@@ -22,6 +24,7 @@ def trained_param(run: Run, name: str) -> str | None:
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
+    check_build(config.predictor.engine, config.predictor.precision)
     run_id = get_best_run_id(config.experiment_name, config.metric, config.mode)
     source = mlflow.get_run(run_id)
     metric_value = source.data.metrics[config.metric]
@@ -32,10 +35,14 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = download_checkpoint(run_id, checkpoint_path, f"{tmp}/download")
-        artifacts = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        artifacts = reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
+        if config.predictor.engine == "onnx":
+            rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
+            artifacts = onnx_artifacts(reference, f"{tmp}/onnx-model", config.predictor.precision, rows)
         accuracy = {}
-        if config.predictor.quantize == "int8":
-            accuracy = int8_accuracy_change(artifacts, config.predictor, config.eval_dataset or str(SHIPPED_DATASET))
+        if not is_reference(config.predictor):
+            accuracy = accuracy_change(reference, artifacts, config.predictor, eval_dataset)
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
@@ -50,7 +57,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         config.metric: str(metric_value),
         "checkpoint_path": checkpoint_path or "/",
         "package_run_id": run.info.run_id,
-        "quantize": config.predictor.quantize or "none",
+        "engine": config.predictor.engine,
+        "precision": config.predictor.precision,
         **accuracy,
     }
     description = (

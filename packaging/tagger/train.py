@@ -78,7 +78,7 @@ def prepare_data(config: TrainConfig) -> dict[str, Any]:
     """Load, check and split the dataset; tokenize it as serving does. Runs on the driver."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from mlflow_model.preprocess import prepare_texts, tokenize
+    from mlflow_model.preprocess import configure_tokenizer, prepare_texts, tokenize
 
     frame = load_data(config.dataset_loc, config.num_samples)
     labels = class_to_index(frame["tag"])
@@ -88,13 +88,14 @@ def prepare_data(config: TrainConfig) -> dict[str, Any]:
     max_length = min(
         config.max_length, tokenizer.model_max_length, getattr(encoder_config, "max_position_embeddings", 10**9)
     )
+    fast = configure_tokenizer(tokenizer.backend_tokenizer, max_length)  # what the served model loads
     return {
         "class_to_index": labels,
         "max_length": int(max_length),
         "pad_id": int(tokenizer.pad_token_id or 0),
-        "train_ids": tokenize(tokenizer, prepare_texts(train_frame), max_length),
+        "train_ids": tokenize(fast, prepare_texts(train_frame)),
         "train_labels": [labels[t] for t in train_frame["tag"]],
-        "val_ids": tokenize(tokenizer, prepare_texts(val_frame), max_length),
+        "val_ids": tokenize(fast, prepare_texts(val_frame)),
         "val_labels": [labels[t] for t in val_frame["tag"]],
     }
 

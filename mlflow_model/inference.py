@@ -1,0 +1,196 @@
+"""One inference thread per loaded model: it runs every forward pass, on rows gathered from waiting requests.
+
+Server threads call `submit`; the thread gathers the rows of all waiting requests (up to
+`max_batch_rows`, waiting at most `max_wait_ms` after the first) into one `forward` call, like
+Ray Serve's @serve.batch or Triton's dynamic batcher. One thread, so one OpenMP team: the
+cores are not oversubscribed by many concurrent single-row passes.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+from mlflow_model.errors import TaggerError
+
+Forward = Callable[[list[list[int]], int], np.ndarray]
+_STOP = object()  # queue sentinel: the thread ends when it reaches it
+_log = logging.getLogger(__name__)
+
+
+class InferenceError(TaggerError):
+    """A forward pass failed or did not answer in time (HTTP 500, message without traceback)."""
+
+    error_code = INTERNAL_ERROR
+
+
+class _Request:
+    """One submit call: its rows, its answer (filled chunk by chunk) or its error."""
+
+    def __init__(self, token_ids: list[list[int]], batch_size: int, chunks: int) -> None:
+        self.token_ids = token_ids
+        self.batch_size = batch_size
+        self.result: np.ndarray | None = None
+        self.error: str | None = None
+        self.pending = chunks  # chunks not answered yet
+        self.done = threading.Event()
+
+    def deliver(self, start: int, probabilities: np.ndarray) -> None:
+        """Store one chunk's rows; the request is done when its last chunk arrives."""
+        if self.result is None:
+            self.result = np.empty((len(self.token_ids), *probabilities.shape[1:]), probabilities.dtype)
+        self.result[start : start + len(probabilities)] = probabilities
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set()
+
+    def fail(self, reason: str) -> None:
+        """Answer with an error (the first one wins)."""
+        if self.error is None:
+            self.error = reason
+        self.done.set()
+
+
+class _Chunk:
+    """Rows [start, stop) of one request: the unit the thread gathers into a batch."""
+
+    def __init__(self, request: _Request, start: int, stop: int) -> None:
+        self.request, self.start, self.stop = request, start, stop
+
+    @property
+    def rows(self) -> list[list[int]]:
+        """This chunk's token ids."""
+        return self.request.token_ids[self.start : self.stop]
+
+
+class InferenceThread:
+    """A daemon thread that runs every forward pass, batching the rows of concurrent requests."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        max_batch_rows: int = 32,
+        max_wait_ms: float = 2.0,
+        timeout_s: float = 30.0,
+        warmup: Callable[[], None] | None = None,
+        name: str = "tagger-inference",
+    ) -> None:
+        if max_batch_rows < 1 or max_wait_ms < 0 or timeout_s <= 0:
+            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0 and timeout_s > 0")
+        self.forward, self.max_batch_rows = forward, max_batch_rows
+        self.max_wait_s, self.timeout_s = max_wait_ms / 1000.0, timeout_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submit's puts against close's sentinel
+        self._closed = False
+        self._started = threading.Event()
+        self._warmup_error: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(warmup,), name=name, daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise InferenceError(f"inference thread warmup did not finish within {timeout_s:g} s")
+        if self._warmup_error is not None:
+            raise InferenceError(f"inference warmup failed: {self._warmup_error}")
+
+    def submit(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+        """Probabilities of these rows (rows x classes, input order), computed on the inference thread."""
+        starts = range(0, max(len(token_ids), 1), self.max_batch_rows)
+        request = _Request(token_ids, batch_size, len(starts))
+        with self._lock:
+            if self._closed:
+                raise InferenceError("inference thread is closed")
+            for start in starts:
+                self._queue.put(_Chunk(request, start, min(start + self.max_batch_rows, len(token_ids))))
+        if not request.done.wait(self.timeout_s):
+            request.fail("timeout")  # its chunks not yet run are skipped
+            raise InferenceError(f"inference did not answer within {self.timeout_s:g} s (timeout)")
+        if request.error is not None:
+            raise InferenceError(f"inference failed: {request.error}")
+        return request.result
+
+    def close(self) -> None:
+        """Stop the thread after the requests already queued (waits at most timeout_s)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(self.timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is still running."""
+        return self._thread.is_alive()
+
+    def _run(self, warmup: Callable[[], None] | None) -> None:
+        """Thread body: warm up, then gather and run batches until the sentinel."""
+        try:
+            if warmup is not None:
+                warmup()
+        except Exception as error:  # noqa: BLE001 - reported by __init__ to the loader
+            self._warmup_error = f"{type(error).__name__}: {error}"
+            self._closed = True
+            return
+        finally:
+            self._started.set()
+        carry = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            if first is _STOP:
+                break
+            batch, carry = self._gather(first)
+            self._execute(batch)
+        self._fail_queued("inference thread is closed")
+
+    def _gather(self, first: _Chunk) -> tuple[list[_Chunk], object | None]:
+        """The chunks of one batch, starting with `first`, and the item that did not fit (or None)."""
+        batch, rows = [first], first.stop - first.start
+        deadline = time.monotonic() + self.max_wait_s
+        while rows < self.max_batch_rows:
+            remaining = deadline - time.monotonic()
+            try:  # after the deadline, still take what is already queued
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+            if item is _STOP or rows + item.stop - item.start > self.max_batch_rows:
+                return batch, item
+            batch.append(item)
+            rows += item.stop - item.start
+        return batch, None
+
+    def _execute(self, batch: list[_Chunk]) -> None:
+        """One forward over the live chunks of the batch; deliver each chunk's rows or fail their requests."""
+        batch = [chunk for chunk in batch if chunk.request.error is None]
+        if not batch:
+            return
+        token_ids = [ids for chunk in batch for ids in chunk.rows]
+        try:
+            probabilities = self.forward(token_ids, min(chunk.request.batch_size for chunk in batch))
+            if len(probabilities) != len(token_ids):
+                raise ValueError(f"forward returned {len(probabilities)} rows for {len(token_ids)}")
+        except Exception as error:  # noqa: BLE001 - fails this batch only; the thread keeps serving
+            _log.exception("inference failed on a batch of %d rows", len(token_ids))
+            for chunk in batch:
+                chunk.request.fail(f"{type(error).__name__}: {error}")
+            return
+        offset = 0
+        for chunk in batch:
+            size = chunk.stop - chunk.start
+            if chunk.request.error is None:
+                chunk.request.deliver(chunk.start, probabilities[offset : offset + size])
+            offset += size
+
+    def _fail_queued(self, reason: str) -> None:
+        """Fail every request still queued (after close)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                item.request.fail(reason)

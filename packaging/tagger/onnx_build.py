@@ -1,0 +1,166 @@
+"""Build side of the ONNX engines: export FinetunedLLM, fuse it for ONNX Runtime, quantize, check.
+
+Only packaging imports this (torch, onnx and onnxruntime's build tools); the served model loads
+the resulting file with mlflow_model.engines.OnnxEngine and never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlflow_model.engines import INPUT_NAMES, OUTPUT_NAME, OnnxEngine
+from mlflow_model.model import FinetunedLLM
+from mlflow_model.batching import pad_batch
+from mlflow_model.config import ONNX_FILE
+
+logger = logging.getLogger(__name__)
+
+ONNX_PRECISIONS = ("fp32", "int8")
+OPSET = 17
+INT8_ATOL = 0.1  # int8 is checked loosely: it catches a broken graph, not rounding
+
+
+class ExportCheckError(Exception):
+    """An ONNX file's probabilities differ from the torch fp32 model's on real rows."""
+
+
+def _dummy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A small padded batch for tracing (one row with padding, so the mask path is traced)."""
+    input_ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]], dtype=torch.long)
+    return input_ids, (input_ids != 0).long()
+
+
+@contextmanager
+def _eager_attention(model: FinetunedLLM) -> Iterator[None]:
+    """Trace the classic attention pattern (ONNX Runtime's BERT optimizer fuses no SDPA graph)."""
+    previous = model.llm.config._attn_implementation
+    model.llm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.llm.set_attn_implementation(previous)
+
+
+def export_onnx(model: FinetunedLLM, path: str | Path) -> Path:
+    """torch.onnx.export of encoder + head: input_ids/attention_mask (batch, sequence) -> logits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes[OUTPUT_NAME] = {0: "batch"}
+    with torch.no_grad(), _eager_attention(model):
+        torch.onnx.export(
+            model.eval(),
+            _dummy_inputs(),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return path
+
+
+def optimize_onnx(path: str | Path, out_path: str | Path, num_heads: int, hidden_size: int) -> Path:
+    """Fuse attention, LayerNorm and GELU with onnxruntime.transformers' BERT optimizer."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    fused = optimized.get_fused_operator_statistics()
+    logger.info("ONNX fusion: %s", {k: v for k, v in fused.items() if v})
+    if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
+        logger.warning("ONNX optimizer fused no attention in %s: the graph stays slow", path)
+    optimized.save_model_to_file(str(out_path))
+    return Path(out_path)
+
+
+def quantize_int8(path: str | Path, out_path: str | Path) -> Path:
+    """Dynamic int8 (QInt8 weights, activations quantized per batch) of the graph's MatMuls."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(path),
+        str(out_path),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},  # fused graphs lack some type info
+    )
+    return Path(out_path)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def max_probability_difference(
+    torch_model: FinetunedLLM, onnx_path: str | Path, token_id_batches: Iterable[Sequence[Sequence[int]]], pad_id: int = 0
+) -> float:
+    """Largest |probability| difference between torch fp32 and the ONNX file over padded batches."""
+    engine = OnnxEngine(onnx_path)
+    worst = 0.0
+    for batch in token_id_batches:
+        input_ids, mask = pad_batch(batch, pad_id)
+        with torch.inference_mode():
+            expected = torch_model.eval()(torch.from_numpy(input_ids), torch.from_numpy(mask)).float().numpy()
+        worst = max(worst, float(np.abs(_softmax(expected) - _softmax(engine.logits(input_ids, mask))).max()))
+    return worst
+
+
+def check_export(
+    torch_model: FinetunedLLM,
+    onnx_path: str | Path,
+    token_id_batches: Iterable[Sequence[Sequence[int]]],
+    atol: float = 1e-4,
+    pad_id: int = 0,
+) -> float:
+    """Raise ExportCheckError if ONNX and torch fp32 probabilities differ by more than atol; else the difference."""
+    batches = [list(batch) for batch in token_id_batches if len(batch)]
+    if not batches:
+        raise ExportCheckError(f"no rows to check {onnx_path} with")
+    worst = max_probability_difference(torch_model, onnx_path, batches, pad_id)
+    rows = sum(len(batch) for batch in batches)
+    if not worst <= atol:  # also catches NaN
+        raise ExportCheckError(
+            f"{onnx_path} disagrees with the torch fp32 model: max |probability difference| {worst:.3g} "
+            f"> {atol:g} over {rows} rows; the export or a graph optimization changed the model"
+        )
+    logger.info("%s matches torch fp32 on %d rows: max |probability difference| %.3g", onnx_path, rows, worst)
+    return worst
+
+
+def build_onnx(
+    model: FinetunedLLM,
+    encoder_config: Any,
+    out_dir: str | Path,
+    precision: str,
+    sample_batches: Sequence[Sequence[Sequence[int]]],
+    pad_id: int = 0,
+) -> Path:
+    """The checked, fused ONNX file (ONNX_FILE) of one precision in out_dir; int8 quantizes its MatMuls."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"unknown ONNX precision {precision!r}; use one of {list(ONNX_PRECISIONS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        plain = export_onnx(model, Path(scratch) / "plain.onnx")
+        fused = Path(scratch if precision == "int8" else out_dir) / ONNX_FILE
+        optimize_onnx(plain, fused, encoder_config.num_attention_heads, encoder_config.hidden_size)
+        check_export(model, fused, sample_batches, pad_id=pad_id)
+        result = fused
+        if precision == "int8":
+            result = quantize_int8(fused, out_dir / ONNX_FILE)
+            check_export(model, result, sample_batches, atol=INT8_ATOL, pad_id=pad_id)
+    logger.info("built %s (%s) in %.1f s", result, precision, time.perf_counter() - start)
+    return result

@@ -1,0 +1,223 @@
+"""InferenceThread: one thread runs every forward pass, on rows gathered from concurrent requests."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mlflow_model.inference import InferenceError, InferenceThread
+
+
+def fake_probabilities(token_ids: list[list[int]]) -> np.ndarray:
+    """Deterministic per-row 'probabilities' derived from the token ids alone."""
+    rows = np.array([[sum(ids) % 7 + 1, len(ids) + 1, (ids[0] if ids else 0) % 5 + 1] for ids in token_ids], float)
+    rows = rows.reshape(len(token_ids), 3)
+    return (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class FakeForward:
+    """A forward that records each call (rows, batch_size, thread) and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, str]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_next: Exception | None = None
+
+    def __call__(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+        self.calls.append((len(token_ids), batch_size, threading.current_thread().name))
+        self.release.wait(30)
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        return fake_probabilities(token_ids)
+
+
+def request_rows(seed: int, count: int) -> list[list[int]]:
+    """`count` rows of 1-20 token ids."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 1000, size=int(rng.integers(1, 21))).tolist() for _ in range(count)]
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    """Poll until condition() is true (or fail the test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def forward():
+    return FakeForward()
+
+
+@pytest.fixture
+def make_thread():
+    """Build InferenceThreads that are closed after the test."""
+    made = []
+
+    def make(forward, **options) -> InferenceThread:
+        made.append(InferenceThread(forward, **options))
+        return made[-1]
+
+    yield make
+    for thread in made:
+        thread.close()
+
+
+def test_concurrent_submits_get_what_sequential_calls_get(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=16, max_wait_ms=5)
+    requests = [request_rows(seed, count=1 + seed % 4) for seed in range(64)]
+    expected = [fake_probabilities(rows) for rows in requests]
+    answers: dict[int, np.ndarray] = {}
+    start = threading.Barrier(16)
+
+    def client(index: int) -> None:
+        start.wait()
+        for i in range(index, len(requests), 16):
+            answers[i] = inference.submit(requests[i], batch_size=8)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(30)
+    assert sorted(answers) == list(range(len(requests)))
+    for i, rows in enumerate(requests):
+        np.testing.assert_array_equal(answers[i], expected[i])
+    assert len(forward.calls) < len(requests)  # some requests really shared a forward
+    assert all(rows <= 16 for rows, _, _ in forward.calls)
+    assert {name for _, _, name in forward.calls} == {"tagger-inference"}
+
+
+def test_waiting_requests_are_gathered_into_one_forward(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=64, max_wait_ms=50)
+    forward.release.clear()  # the first request holds the thread while five more queue up
+    results: dict[int, np.ndarray] = {}
+    requests = {i: request_rows(i, count=2) for i in range(6)}
+
+    def client(i: int) -> None:
+        results[i] = inference.submit(requests[i], batch_size=32 - i)
+
+    first = threading.Thread(target=client, args=(0,))
+    first.start()
+    wait_until(lambda: len(forward.calls) == 1)
+    others = [threading.Thread(target=client, args=(i,)) for i in range(1, 6)]
+    for c in others:
+        c.start()
+    wait_until(lambda: inference._queue.qsize() == 5)
+    forward.release.set()
+    for c in [first, *others]:
+        c.join(10)
+    assert [(rows, size) for rows, size, _ in forward.calls] == [(2, 32), (10, 27)]  # smallest batch_size wins
+    for i, rows in requests.items():
+        np.testing.assert_array_equal(results[i], fake_probabilities(rows))
+
+
+def test_a_request_larger_than_max_batch_rows_is_split_and_reassembled(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=4, max_wait_ms=1)
+    rows = request_rows(7, count=10)
+    np.testing.assert_array_equal(inference.submit(rows, batch_size=64), fake_probabilities(rows))
+    assert [calls for calls, _, _ in forward.calls] == [4, 4, 2]
+
+
+def test_empty_request_returns_no_rows(forward, make_thread):
+    inference = make_thread(forward)
+    assert inference.submit([], batch_size=8).shape == (0, 3)
+
+
+def test_a_failing_forward_fails_its_batch_only(forward, make_thread):
+    inference = make_thread(forward, max_wait_ms=1)
+    forward.fail_next = RuntimeError("boom")
+    with pytest.raises(InferenceError, match=r"^inference failed: RuntimeError: boom$") as error:
+        inference.submit(request_rows(1, 3), batch_size=8)
+    assert error.value.get_http_status_code() == 500
+    rows = request_rows(2, 3)
+    np.testing.assert_array_equal(inference.submit(rows, batch_size=8), fake_probabilities(rows))
+    assert inference.alive
+
+
+def test_a_forward_with_the_wrong_row_count_is_an_error(make_thread):
+    inference = make_thread(lambda token_ids, batch_size: np.zeros((1, 3)), max_wait_ms=0)
+    with pytest.raises(InferenceError, match="forward returned 1 rows for 2"):
+        inference.submit([[1], [2]], batch_size=8)
+
+
+def test_a_lone_request_waits_at_most_max_wait(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=64, max_wait_ms=50)
+    inference.submit([[1]], batch_size=8)  # first call out of the way
+    started = time.perf_counter()
+    inference.submit([[1, 2, 3]], batch_size=8)
+    assert time.perf_counter() - started < 0.05 + 0.2
+
+
+def test_a_hanging_forward_times_out(forward, make_thread):
+    inference = make_thread(forward, timeout_s=0.3)
+    forward.release.clear()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(InferenceError, match=r"within 0.3 s \(timeout\)"):
+            inference.submit([[1, 2]], batch_size=8)
+        assert time.perf_counter() - started < 2.0
+    finally:
+        forward.release.set()
+
+
+def test_warmup_runs_on_the_inference_thread_before_any_request(forward, make_thread):
+    seen = []
+    make_thread(forward, warmup=lambda: seen.append(threading.current_thread().name), name="warm-test")
+    assert seen == ["warm-test"]  # __init__ returned after warmup ran, on the named thread
+
+
+def test_a_failing_warmup_fails_the_load():
+    def warmup() -> None:
+        raise OSError("no weights")
+
+    with pytest.raises(InferenceError, match="inference warmup failed: OSError: no weights"):
+        InferenceThread(lambda ids, size: fake_probabilities(ids), warmup=warmup, name="bad-warmup")
+    wait_until(lambda: "bad-warmup" not in {t.name for t in threading.enumerate()})
+
+
+def test_close_ends_the_daemon_thread(forward):
+    inference = InferenceThread(forward, name="close-test")
+    thread = next(t for t in threading.enumerate() if t.name == "close-test")
+    assert thread.daemon
+    inference.close()
+    assert not thread.is_alive() and not inference.alive
+    with pytest.raises(InferenceError, match="closed"):
+        inference.submit([[1]], batch_size=8)
+    inference.close()  # twice is harmless
+
+
+def test_tiny_torch_model_on_the_inference_thread(tiny_checkpoint, tiny_encoder, make_thread):
+    import pandas as pd
+    import torch
+
+    from mlflow_model.config import PredictorConfig
+    from mlflow_model.predictor import TorchPredictor
+
+    predictor = TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder, PredictorConfig(num_threads=1))
+    frame = pd.DataFrame({"title": [f"bert text {'image ' * i}" for i in range(12)], "description": ["data"] * 12})
+    token_ids = predictor.preprocess(frame)
+    expected = predictor.forward(token_ids, batch_size=4)
+    threads_seen = []
+
+    def warmup() -> None:
+        torch.set_num_threads(1)
+        threads_seen.append(torch.get_num_threads())
+
+    inference = make_thread(predictor.forward, max_batch_rows=8, max_wait_ms=5, warmup=warmup)
+    answers: dict[int, np.ndarray] = {}
+    clients = [
+        threading.Thread(target=lambda i=i: answers.__setitem__(i, inference.submit([token_ids[i]], batch_size=4)))
+        for i in range(len(token_ids))
+    ]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(30)
+    assert threads_seen == [1]
+    np.testing.assert_allclose(np.vstack([answers[i] for i in range(len(token_ids))]), expected, atol=1e-5, rtol=0)
