@@ -1,114 +1,114 @@
-"""Speed benchmark of tagger on this machine, in one run: prints a table and writes JSON.
+"""Speed of every build (engine x precision) of one trained model, in one run: prints a table, writes JSON.
 
-    python benchmarks/speed.py --csv /path/to/dataset.csv [--model-uri models:/tagger@champion] [--out speed.json]
+    .venv/bin/python benchmarks/speed.py --tracking-uri sqlite:///$PWD/mlflow.db --model-uri models:/tagger@champion \
+        --csv ../shared/datasets/dataset.csv --holdout-csv ../shared/datasets/holdout.csv --out outputs/speed.json
 
-Measures, on the rows of the CSV (title, description[, tag]):
-- the seed's path: Ray Data from_pandas -> map_batches(preprocess) -> map_batches(predict_proba) -> take_all;
-- `mlflow.pyfunc.load_model(uri).predict(df)` with the fp32 and the int8 build of one model;
+From the registered model's checkpoint it makes every build (torch fp32 / bf16 / int8, onnx fp32 / int8)
+and measures, in the same run:
+- in process, through the predictor the served model runs: rows/s over --csv (best of --repeats),
+  single-row latency (median), weighted F1 on --holdout-csv and its change against torch fp32;
 - the fp32 floor: this CPU's fp32 matmul rate on the model's own GEMM shapes / FLOPs per row;
-- single-row latency p50/p99 through a real `mlflow models serve` process per build, its start-up
-  time (spawn -> /ping 200) and its worker's RSS;
-- where a forward pass spends its time (matmuls vs the rest), to say what limits a missed target.
-Without --model-uri a model is built from the bundled MiniLM encoder with a random head and
-registered in a temporary sqlite store (speed does not need a trained head; the int8 F1 change
-does: it is measured only with a trained --model-uri and a CSV that has a `tag` column).
+- the seed's path: Ray Data from_pandas -> map_batches(preprocess) -> map_batches(predict) -> take_all;
+- served by `mlflow models serve` (each build logged to a temporary store, beside a do-nothing pyfunc,
+  with benchmarks/serving.py): ready time, worker RSS, 1-client p50/p99, rows/s at --clients clients.
+Run it on a quiet machine (it prints the load average) and compare ratios from one run.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 
 from mlflow_model.batching import pad_batch
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
+from mlflow_model.predictor import Predictor, load_predictor
 from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts, tokenize
-from tagger.config import default_base_model
+from serving import NOOP_LABEL, bench_server, load_rows, request_body, save_noop_model
+from tagger.builds import BUILDS, onnx_artifacts
 from tagger.metrics import scores
-from tagger.sessions import absolute_tracking_uri
 
-TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")  # the random head's classes
-BUILDS = {"fp32": {"quantize": None}, "int8": {"quantize": "int8"}}
-MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "quantized::linear_dynamic")
-TARGETS = {  # value name: (comparison, bound), as the issue states them
-    "pyfunc_fp32_vs_floor": (">=", 0.85),
-    "pyfunc_fp32_vs_seed": (">=", 5.0),
-    "pyfunc_int8_vs_floor": (">=", 3.0),
-    "int8_f1_delta_abs": ("<=", 0.01),
-    "served_fp32_p50_ms": ("<=", 10.0),
-    "served_int8_p50_ms": ("<=", 5.0),
-    "server_ready_s": ("<=", 5.0),
-    "worker_rss_mb": ("<=", 450.0),
-}
+REFERENCE = "torch fp32"
 
 
 @dataclass(frozen=True)
-class SpeedBenchmarkConfig:
-    """What this benchmark measures and how often."""
+class Build:
+    """One engine x precision of the model: its artifacts and the predictor settings it is served with."""
 
-    batch_size: int = 64  # rows per forward pass of the floor's GEMMs and the profile (= the packaged default)
-    repeats: int = 3  # throughput: best of this many passes over the CSV (others share the CPU)
-    latency_requests: int = 200  # single-row requests to the scoring server per build
-    warmup_requests: int = 10
-    server_timeout_s: float = 120.0  # give up waiting for /ping after this long
-    matmul_repeats: int = 20  # fp32 floor: best of this many timings of each GEMM
+    name: str
+    artifacts: dict[str, str]
+    config: PredictorConfig
 
 
-def random_head_model(folder: Path) -> str:
-    """Register MiniLM + a random head in a fresh sqlite store under folder; its models:/ URI."""
-    from transformers import AutoModel
-
-    from mlflow_model.checkpoint import write_checkpoint
-    from mlflow_model.config import PredictorConfig
-    from mlflow_model.model import FinetunedLLM, ModelArgs
-    from tagger.bundle import log_pyfunc, stage_artifacts
-    from tagger.registry import register_version
-
-    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_name="speed-benchmark")
-    torch.manual_seed(0)
-    encoder = AutoModel.from_pretrained(default_base_model())
-    args = ModelArgs(dropout_p=0.1, embedding_dim=encoder.config.hidden_size, num_classes=len(TAGS))
-    checkpoint = write_checkpoint(folder / "ckpt", FinetunedLLM(encoder, args).state_dict(), args,
-                                  {tag: i for i, tag in enumerate(TAGS)})
-    artifacts = stage_artifacts(checkpoint, default_base_model(), folder / "model")
-    with mlflow.start_run(run_name="random-head"):
-        info = log_pyfunc(artifacts, PredictorConfig())
-    version = register_version(info.model_uri, "tagger-speed", {"head": "random"}, "speed benchmark only")
-    return f"models:/{version.name}/{version.version}"
+def reference_artifacts(model_uri: str, folder: Path) -> tuple[dict[str, str], PredictorConfig]:
+    """The registered model's checkpoint and encoder folders, and the predictor settings it was packaged with."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder)))
+    config = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"].get("config", {})
+    artifacts = {name: str(local / "artifacts" / name) for name in (CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT)}
+    return artifacts, PredictorConfig.from_dict(config)
 
 
-def load_build(model_uri: str, build: str) -> mlflow.pyfunc.PyFuncModel:
-    """The model loaded as MLflow serves it, with the build's quantize setting."""
-    return mlflow.pyfunc.load_model(model_uri, model_config=BUILDS[build])
+def make_builds(reference: dict[str, str], base: PredictorConfig, folder: Path, rows: pd.DataFrame) -> list[Build]:
+    """Every build: torch ones share the reference files, ONNX ones are exported and checked here."""
+    base = replace(base, engine="torch", precision="fp32", max_request_rows=None)
+    builds = []
+    for engine, precisions in BUILDS.items():
+        for precision in precisions:
+            artifacts = reference
+            if engine == "onnx":
+                artifacts = onnx_artifacts(reference, folder / f"onnx-{precision}", precision, rows)
+            builds.append(Build(f"{engine} {precision}", artifacts, replace(base, engine=engine, precision=precision)))
+    return builds
 
 
-def best_rate(predict: Any, rows: int, repeats: int) -> float:
-    """Rows per second of the best of `repeats` calls (other processes share this CPU)."""
+def load(build: Build) -> Predictor:
+    """The build's predictor, as the served model builds it."""
+    return load_predictor(build.artifacts[CHECKPOINT_ARTIFACT], build.artifacts[ENCODER_ARTIFACT], build.config)
+
+
+def best_rate(predictor: Predictor, frame: pd.DataFrame, repeats: int) -> float:
+    """Rows per second of the best of `repeats` predictions of the whole frame (others share this CPU)."""
+    predictor.predict(frame.head(predictor.config.batch_size))  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        predict()
-        best = min(best, time.perf_counter() - start)
-    return rows / best
+        started = time.perf_counter()
+        predictor.predict(frame)
+        best = min(best, time.perf_counter() - started)
+    return len(frame) / best
 
 
-def flops_per_row(predictor: TorchPredictor, token_ids: list[list[int]]) -> float:
+def single_row_ms(predictor: Predictor, frame: pd.DataFrame, count: int = 100) -> float:
+    """Median latency of predicting one row at a time."""
+    times = []
+    for i in range(min(count, len(frame))):
+        started = time.perf_counter()
+        predictor.predict(frame.iloc[[i]])
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e3
+
+
+def measure_in_process(build: Build, frame: pd.DataFrame, holdout: pd.DataFrame | None, repeats: int) -> dict:
+    """Throughput, single-row latency, holdout probabilities and F1 of one build, in this process."""
+    with load(build) as predictor:
+        result = {"rows_per_s": best_rate(predictor, frame, repeats), "single_row_ms": single_row_ms(predictor, frame)}
+        if holdout is not None:
+            result["probabilities"] = predictor.predict_proba(holdout[list(INPUT_COLUMNS)])
+            predicted = [predictor.index_to_class[i] for i in result["probabilities"].argmax(axis=1)]
+            result["f1"] = scores(holdout["tag"], predicted)["f1"]
+    return result
+
+
+def flops_per_row(model: Any, token_ids: list[list[int]]) -> float:
     """Mean FLOPs of one unpadded row's forward pass (torch's FLOP counter, per distinct length)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     lengths = np.array([len(ids) for ids in token_ids])
@@ -117,266 +117,204 @@ def flops_per_row(predictor: TorchPredictor, token_ids: list[list[int]]) -> floa
         for length in np.unique(lengths):
             ids = torch.ones(1, int(length), dtype=torch.long)
             with FlopCounterMode(display=False) as counter:
-                predictor.model(ids, torch.ones_like(ids))
+                model(ids, torch.ones_like(ids))
             flops[length] = counter.get_total_flops()
     return float(np.mean([flops[length] for length in lengths]))
 
 
-def matmul_rate(encoder_config: Any, rows: int, repeats: int) -> float:
+def matmul_rate(encoder_config: Any, rows: int, repeats: int = 20) -> float:
     """fp32 FLOP/s of this CPU on one encoder layer's GEMMs at `rows` tokens (best of repeats)."""
+    import torch
+
     hidden, inner = encoder_config.hidden_size, encoder_config.intermediate_size
     shapes = [(hidden, hidden)] * 4 + [(hidden, inner), (inner, hidden)]  # q, k, v, out, FFN up, FFN down
     pairs = [(torch.randn(rows, k), torch.randn(k, n)) for k, n in shapes]
     work = sum(2.0 * rows * k * n for k, n in shapes)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        started = time.perf_counter()
         for a, b in pairs:
             torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.perf_counter() - started)
     return work / best
 
 
-def time_split(predictor: TorchPredictor, token_ids: list[list[int]], batch_size: int) -> dict[str, float]:
-    """Share of one length-sorted forward pass spent in matmuls vs other ops (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        predictor.forward(token_ids, batch_size)
-    events = list(prof.key_averages())
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
-    return {"matmul_share": matmul / total, **{f"op.{e.key}": e.self_cpu_time_total / total for e in top}}
+def fp32_floor(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
+    """Rows/s a perfect fp32 engine would reach here: matmul rate / FLOPs per row (the quieter of two windows)."""
+    with load(reference) as predictor:
+        token_ids, model = predictor.preprocess(frame[list(INPUT_COLUMNS)]), predictor.engine.model
+        flops = flops_per_row(model, token_ids)
+        mean_tokens = float(np.mean([len(ids) for ids in token_ids]))
+        rows = int(predictor.config.batch_size * mean_tokens)
+        rate = max(matmul_rate(model.llm.config, rows), matmul_rate(model.llm.config, rows))
+    return {"rows_per_s": rate / flops, "flops_per_row": flops, "mean_tokens": mean_tokens, "matmul_gflops": rate / 1e9}
 
 
-def seed_path(frame: pd.DataFrame, predictor: TorchPredictor, cores: int) -> dict[str, float]:
-    """The Made With ML seed's batch prediction on Ray Data: rows/s, and one row's latency after init."""
+def seed_path(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
+    """The Made With ML seed's batch prediction on Ray Data (one block, two map_batches, take_all): rows/s."""
     import ray
+    import torch
 
-    tokenizer, max_length, model = predictor.tokenizer, predictor.max_length, predictor.model
-    pad_id = tokenizer.pad_token_id or 0
+    with load(reference) as predictor:  # what the tasks need, without the predictor's thread
+        model, tokenizer, pad_id = predictor.engine.model, predictor.tokenizer, predictor.pad_id
 
     def preprocess(batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        """Seed step 1: clean + tokenize, padded to the block's longest row."""
-        ids, mask = pad_batch(tokenize(tokenizer, prepare_texts(batch), max_length), pad_id)
+        ids, mask = pad_batch(tokenize(tokenizer, prepare_texts(batch)), pad_id)
         return {"ids": ids, "masks": mask}
 
     def predict_proba(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Seed step 2: forward the whole batch, softmax."""
         with torch.inference_mode():
             logits = model(torch.as_tensor(batch["ids"]), torch.as_tensor(batch["masks"]))
         return {"output": torch.softmax(logits, dim=-1).numpy()}
 
     def run(rows: pd.DataFrame) -> list:
-        """from_pandas -> map_batches(preprocess) -> map_batches(predict_proba) -> take_all."""
         ds = ray.data.from_pandas(rows).map_batches(preprocess, batch_format="pandas")
         return ds.map_batches(predict_proba, batch_format="numpy").take_all()
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         run(frame.head(2))  # warm-up: workers started, functions shipped
-        start = time.perf_counter()
-        outputs = run(frame)
-        rate = len(frame) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        run(frame.head(1))
-        one = time.perf_counter() - start
+        started = time.perf_counter()
+        outputs = run(frame[list(INPUT_COLUMNS)])
+        rate = len(frame) / (time.perf_counter() - started)
     finally:
         ray.shutdown()
     assert len(outputs) == len(frame)
-    return {"rows_per_s": rate, "one_row_ms": one * 1e3}
+    return {"rows_per_s": rate}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def register_builds(builds: list[Build], folder: Path) -> dict[str, str]:
+    """Each build logged as the pyfunc tagger ships, in a temporary store; its model URI by build name."""
+    from tagger.bundle import log_pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("speed-benchmark", artifact_location=(folder / "artifacts").as_uri())
+    uris = {}
+    for build in builds:
+        with mlflow.start_run(experiment_id=experiment, run_name=f"speed-{build.name.replace(' ', '-')}"):
+            uris[build.name] = log_pyfunc(build.artifacts, build.config).model_uri
+    return uris
 
 
-@contextmanager
-def scoring_server(model_uri: str, build: str, timeout_s: float) -> Iterator[tuple[str, float, subprocess.Popen]]:
-    """A real `mlflow models serve` process for one build: (base URL, seconds to /ping 200, process)."""
-    import requests
+def measure_served(uris: dict[str, str], tracking_uri: str, csv: str, seconds: float, clients: int, logs: Path) -> dict:
+    """Each build and a do-nothing pyfunc through `mlflow models serve`, one at a time (benchmarks/serving.py)."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    bodies = [request_body(row) for row in load_rows(csv)]
+    options = {"tracking_uri": tracking_uri, "seconds": seconds, "clients": clients, "max_requests": 20000,
+               "ready_timeout": 180.0}
+    with tempfile.TemporaryDirectory(prefix="speed-noop-") as tmp:
+        served = {NOOP_LABEL: bench_server(NOOP_LABEL, save_noop_model(Path(tmp) / "noop"), options, bodies, logs)}
+    for name, uri in uris.items():
+        served[name] = bench_server(name, uri, options, bodies, logs)
+    return served
 
 
-    port = free_port()
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
-        "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(BUILDS[build]),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # its uvicorn
-    }
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port)]
-    start = time.perf_counter()
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited {server.returncode}: {server.stderr.read()[-2000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.perf_counter() - start > timeout_s:
-                raise RuntimeError(f"scoring server not ready after {timeout_s:.0f} s")
-            time.sleep(0.05)
-        yield url, time.perf_counter() - start, server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+def summary_rows(results: dict[str, Any], clients: int) -> list[dict[str, Any]]:
+    """One row per path: throughput and x floor, single row, F1, and the served figures."""
+    floor, served = results["floor"]["rows_per_s"], results.get("served", {})
+    rows = [{"path": "seed (Ray Data map_batches x2 + take_all)", "rows_per_s": results["seed"]["rows_per_s"]},
+            {"path": "fp32 floor (matmul rate / FLOPs per row)", "rows_per_s": floor}]
+    for name, build in results["builds"].items():
+        row = {"path": name, **{k: v for k, v in build.items() if k != "probabilities"}}
+        if name in served:
+            load = served[name]["load"]
+            row |= {"served_p50_ms": load["1"]["p50_ms"], "served_p99_ms": load["1"]["p99_ms"],
+                    "served_rows_per_s": load[str(clients)]["rows_per_s"], "ready_s": served[name]["ready_s"],
+                    "rss_mb": served[name]["worker_rss_mb"]}
+        rows.append(row)
+    for row in rows:
+        row["x_floor"] = row["rows_per_s"] / floor
+    return rows
 
 
-def worker_rss_mb(server: subprocess.Popen) -> float:
-    """Resident memory of the process that holds the model (the largest of the server's tree)."""
-    import psutil
+def markdown(rows: list[dict[str, Any]], served: dict[str, Any], clients: int) -> str:
+    """The table: every path's figures, then the do-nothing server's."""
+    def cell(row: dict, key: str, spec: str) -> str:
+        value = row.get(key)
+        return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
-    parent = psutil.Process(server.pid)
-    return max(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
-
-
-def served_latency(model_uri: str, build: str, frame: pd.DataFrame, config: SpeedBenchmarkConfig) -> dict[str, float]:
-    """Single-row request latency p50/p99 (ms), start-up time (s) and worker RSS (MB) of one build."""
-    import requests
-
-    rows = frame[list(INPUT_COLUMNS)].fillna("").to_numpy().tolist()
-    with scoring_server(model_uri, build, config.server_timeout_s) as (url, ready_s, server):
-        session, times = requests.Session(), []
-        for i in range(config.warmup_requests + config.latency_requests):
-            body = {"dataframe_split": {"columns": list(INPUT_COLUMNS), "data": [rows[i % len(rows)]]}}
-            start = time.perf_counter()
-            response = session.post(f"{url}/invocations", json=body, timeout=30)
-            elapsed = time.perf_counter() - start
-            response.raise_for_status()
-            if i >= config.warmup_requests:
-                times.append(elapsed * 1e3)
-        rss = worker_rss_mb(server)
-    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-            "ready_s": ready_s, "worker_rss_mb": rss}
-
-
-def weighted_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame) -> float:
-    """Weighted F1 of a loaded build on the labelled rows."""
-    return scores(frame["tag"], model.predict(frame[list(INPUT_COLUMNS)])["prediction"])["f1"]
-
-
-def verdicts(values: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Each target with its measured value and whether it is met."""
-    result = {}
-    for name, (op, bound) in TARGETS.items():
-        value = values.get(name)
-        unmeasured = value is None or np.isnan(value)  # e.g. --skip-seed, or no trained model for F1
-        met = None if unmeasured else (value >= bound if op == ">=" else value <= bound)
-        result[name] = {"value": value, "target": f"{op} {bound:g}", "met": met}
-    return result
-
-
-def table(results: dict[str, Any]) -> str:
-    """The results as a text table: throughput, ratios, latency, start-up, memory, verdicts."""
-    thr, srv, floor = results["throughput_rows_per_s"], results["served"], results["floor"]
-    lines = [
-        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch threads "
-        f"{results['machine']['torch_threads']}, load average {results['machine']['load_before']} -> "
-        f"{results['machine']['load_after']}",
-        f"rows {results['rows']}, mean tokens/row {floor['mean_tokens']:.1f}, {floor['flops_per_row'] / 1e6:.0f} "
-        f"MFLOP/row, fp32 matmul {floor['matmul_gflops']:.0f} GFLOP/s -> fp32 floor {thr['fp32_floor']:.0f} rows/s",
-        "",
-        f"{'path':<34}{'rows/s':>9}{'x floor':>9}{'x seed':>8}",
-    ]
-    for name in ("seed_ray_data", "fp32_floor", "pyfunc_fp32", "pyfunc_int8"):
-        lines.append(f"{name:<34}{thr[name]:>9.1f}{thr[name] / thr['fp32_floor']:>9.2f}"
-                     f"{thr[name] / thr['seed_ray_data']:>8.1f}")
-    lines += ["", f"{'served (mlflow models serve)':<34}{'p50 ms':>9}{'p99 ms':>9}{'ready s':>9}{'RSS MB':>9}"]
-    for build, row in srv.items():
-        lines.append(f"{build:<34}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['ready_s']:>9.2f}"
-                     f"{row['worker_rss_mb']:>9.0f}")
-    lines += ["", f"seed path, one row after ray.init: {results['seed_one_row_ms']:.0f} ms",
-              f"int8 weighted F1 change: {results['int8_f1']}", "",
-              "forward time in matmuls: "
-              + ", ".join(f"{build} {split['matmul_share']:.0%}" for build, split in results["split"].items()),
-              "", f"{'target':<26}{'value':>10}  {'goal':<10}met"]
-    for name, row in results["targets"].items():
-        value = "-" if row["value"] is None else f"{row['value']:.3g}"
-        met = {True: "yes", False: "NO", None: "n/a"}[row["met"]]
-        lines.append(f"{name:<26}{value:>10}  {row['target']:<10}{met}")
+    head = ["path", "rows/s", "x floor", "1 row ms", "F1", "F1 change", "max dp", "served p50 ms", "served p99 ms",
+            f"rows/s @{clients}", "ready s", "RSS MB"]
+    keys = [("rows_per_s", ".0f"), ("x_floor", ".2f"), ("single_row_ms", ".1f"), ("f1", ".3f"), ("f1_change", "+.3f"),
+            ("max_dp", ".1e"), ("served_p50_ms", ".1f"), ("served_p99_ms", ".1f"), ("served_rows_per_s", ".0f"),
+            ("ready_s", ".1f"), ("rss_mb", ".0f")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([row["path"]] + [cell(row, k, s) for k, s in keys]) + " |" for row in rows]
+    if NOOP_LABEL in served:
+        noop = served[NOOP_LABEL]
+        lines.append(f"| do-nothing pyfunc (same server) | | | | | | | {noop['load']['1']['p50_ms']:.1f} | "
+                     f"{noop['load']['1']['p99_ms']:.1f} | {noop['load'][str(clients)]['rows_per_s']:.0f} | "
+                     f"{noop['ready_s']:.1f} | {noop['worker_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    """The 1-minute load average: how much else ran on this CPU (noise in every number here)."""
-    return f"{os.getloadavg()[0]:.2f}"
+def targets(rows: list[dict[str, Any]], served: dict[str, Any]) -> dict[str, bool]:
+    """The engines issue's targets, checked on this run's figures."""
+    builds = {row["path"]: row for row in rows if row["path"] in {f"{e} {p}" for e, ps in BUILDS.items() for p in ps}}
+    fastest = max(builds.values(), key=lambda row: row["rows_per_s"])
+    checks = {
+        "torch fp32 >= 0.85x floor": builds[REFERENCE]["x_floor"] >= 0.85,
+        f"fastest ({fastest['path']}) >= 2.0x floor": fastest["x_floor"] >= 2.0,
+        f"fastest ({fastest['path']}) F1 within 0.01": abs(fastest.get("f1_change", np.nan)) <= 0.01,
+    }
+    if NOOP_LABEL in served and "served_p50_ms" in fastest:
+        noop = served[NOOP_LABEL]
+        checks["fastest served p50 <= 2.5x do-nothing"] = fastest["served_p50_ms"] <= 2.5 * noop["load"]["1"]["p50_ms"]
+        for name in ("onnx fp32", "onnx int8"):
+            if "ready_s" in builds.get(name, {}):
+                checks[f"{name} ready <= do-nothing + 1.5 s"] = builds[name]["ready_s"] <= noop["ready_s"] + 1.5
+                checks[f"{name} RSS <= do-nothing + 150 MB"] = builds[name]["rss_mb"] <= noop["worker_rss_mb"] + 150
+    return checks
+
+
+def compare_with_reference(results: dict[str, dict]) -> None:
+    """Each build's F1 change and largest probability difference against torch fp32, on the holdout rows."""
+    reference_f1, reference_probabilities = results[REFERENCE].get("f1"), results[REFERENCE].get("probabilities")
+    for build in results.values():
+        if "probabilities" in build:
+            build["f1_change"] = build["f1"] - reference_f1
+            build["max_dp"] = float(np.abs(build.pop("probabilities") - reference_probabilities).max())
 
 
 @click.command()
-@click.option("--csv", "csv_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Rows to predict (title, description; a `tag` column enables the F1 check).")
-@click.option("--model-uri", default="",
-              help="Model to measure (default: MiniLM + random head, registered in a temporary store).")
-@click.option("--out", default="speed.json", show_default=True, help="Where to write the results as JSON.")
-@click.option("--skip-seed", is_flag=True, help="Skip the seed's Ray Data path (slow: ~50 rows/s).")
-def main(csv_path: str, model_uri: str, out: str, skip_seed: bool) -> None:
-    """Measure tagger's prediction speed on this machine and print the table."""
-    config = SpeedBenchmarkConfig()
-    frame = pd.read_csv(csv_path)
-    load_before = load_average()
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = model_uri or random_head_model(Path(tmp))
-        models = {build: load_build(uri, build) for build in BUILDS}
-        predictors = {build: m.unwrap_python_model().predictor for build, m in models.items()}
-        inputs = frame[list(INPUT_COLUMNS)]
-        token_ids = predictors["fp32"].preprocess(inputs)
-        flops = flops_per_row(predictors["fp32"], token_ids)
-        mean_tokens = float(np.mean([len(ids) for ids in token_ids]))
-        gemm_rows, encoder = int(config.batch_size * mean_tokens), predictors["fp32"].model.llm.config
-        rate = matmul_rate(encoder, gemm_rows, config.matmul_repeats)
-        throughput = {}
-        for build, model in models.items():
-            model.predict(inputs.head(config.batch_size))  # warm-up
-            throughput[f"pyfunc_{build}"] = best_rate(lambda m=model: m.predict(inputs), len(frame), config.repeats)
-        rate = max(rate, matmul_rate(encoder, gemm_rows, config.matmul_repeats))  # the quieter of two windows
-        throughput["fp32_floor"] = rate / flops
-        split = {build: time_split(p, token_ids, config.batch_size) for build, p in predictors.items()}
-        cores = torch.get_num_threads()
-        skipped = {"rows_per_s": float("nan"), "one_row_ms": float("nan")}
-        seed = skipped if skip_seed else seed_path(frame, predictors["fp32"], cores)
-        throughput["seed_ray_data"] = seed["rows_per_s"]
-        f1 = {}
-        if model_uri and "tag" in frame.columns:
-            f1 = {build: weighted_f1(model, frame) for build, model in models.items()}
-        del models, predictors
-        served = {build: served_latency(uri, build, frame, config) for build in BUILDS}
-    values = {
-        "pyfunc_fp32_vs_floor": throughput["pyfunc_fp32"] / throughput["fp32_floor"],
-        "pyfunc_fp32_vs_seed": throughput["pyfunc_fp32"] / throughput["seed_ray_data"],
-        "pyfunc_int8_vs_floor": throughput["pyfunc_int8"] / throughput["fp32_floor"],
-        "int8_f1_delta_abs": abs(f1["int8"] - f1["fp32"]) if f1 else None,
-        "served_fp32_p50_ms": served["fp32"]["p50_ms"],
-        "served_int8_p50_ms": served["int8"]["p50_ms"],
-        "server_ready_s": max(s["ready_s"] for s in served.values()),
-        "worker_rss_mb": max(s["worker_rss_mb"] for s in served.values()),
-    }
-    results = {
-        "csv": csv_path, "rows": len(frame), "model_uri": model_uri or "MiniLM + random head (temporary store)",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                    "torch_threads": cores, "load_before": load_before, "load_after": load_average(),
-                    "torch": torch.__version__, "mlflow": mlflow.__version__},
-        "floor": {"flops_per_row": flops, "mean_tokens": mean_tokens, "matmul_gflops": rate / 1e9},
-        "throughput_rows_per_s": throughput, "seed_one_row_ms": seed["one_row_ms"], "served": served,
-        "split": split,
-        "int8_f1": ({"fp32": f1["fp32"], "int8": f1["int8"], "delta": f1["int8"] - f1["fp32"]} if f1 else
-                    "not measured (needs a trained --model-uri and a CSV with a `tag` column)"),
-        "targets": verdicts(values),
-    }
+@click.option("--tracking-uri", default=None, help="Store the --model-uri resolves against (default: MLFLOW_TRACKING_URI).")
+@click.option("--model-uri", required=True, help="A registered torch build of a trained model.")
+@click.option("--csv", "csv_path", required=True, help="Rows to predict (title, description).")
+@click.option("--holdout-csv", default=None, help="Labelled rows (title, description, tag) for each build's F1.")
+@click.option("--repeats", default=3, show_default=True, help="Throughput: best of this many passes.")
+@click.option("--served-seconds", default=10.0, show_default=True, help="Length of each served load phase (0: skip serving).")
+@click.option("--clients", default=32, show_default=True, help="Concurrent single-row clients of the served load phase.")
+@click.option("--out", default="outputs/speed.json", show_default=True, help="Where to write the results as JSON.")
+def main(tracking_uri: str | None, model_uri: str, csv_path: str, holdout_csv: str | None, repeats: int,
+         served_seconds: float, clients: int, out: str) -> None:
+    """Measure every build of a trained model on this machine and print the table."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    frame, holdout = pd.read_csv(csv_path), pd.read_csv(holdout_csv) if holdout_csv else None
+    results: dict[str, Any] = {"model_uri": model_uri, "rows": len(frame), "load_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
+        reference, base = reference_artifacts(model_uri, Path(tmp) / "model")
+        builds = make_builds(reference, base, Path(tmp), (holdout if holdout is not None else frame).head(64))
+        results["builds"] = {b.name: measure_in_process(b, frame[list(INPUT_COLUMNS)], holdout, repeats) for b in builds}
+        compare_with_reference(results["builds"])
+        results["floor"] = fp32_floor(builds[0], frame)
+        results["seed"] = seed_path(builds[0], frame)
+        if served_seconds > 0:
+            uris = register_builds(builds, Path(tmp))
+            logs = Path(out).parent / "speed-server-logs"
+            results["served"] = measure_served(uris, mlflow.get_tracking_uri(), csv_path, served_seconds, clients, logs)
+    results["load_after"] = os.getloadavg()[0]
+    rows = summary_rows(results, clients)
+    results["table"], results["targets"] = rows, targets(rows, results.get("served", {}))
+    print(f"rows {len(frame)}, {results['floor']['mean_tokens']:.1f} tokens/row, "
+          f"{results['floor']['flops_per_row'] / 1e6:.0f} MFLOP/row, fp32 matmul {results['floor']['matmul_gflops']:.0f} "
+          f"GFLOP/s; load average {results['load_before']:.2f} -> {results['load_after']:.2f}\n")
+    print(markdown(rows, results.get("served", {}), clients))
+    print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in results["targets"].items()))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2, default=float))
-    click.echo(table(results))
-    click.echo(f"\nwritten to {out}")
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """Shared fixtures: a tiny BERT encoder and checkpoints built in-test, and a sqlite MLflow store."""
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -96,3 +104,40 @@ def log_training_run(experiment: str, checkpoint: Path | None, val_loss: float |
             if tag:
                 mlflow.set_tag("checkpoint_path", "checkpoint")
     return run.info.run_id
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def scoring_server(model_uri: str, tracking_uri: str, folder: Path, timeout_s: float = 180) -> Iterator[str]:
+    """A real `mlflow models serve` process on 127.0.0.1 (stopped at the end); yields its base URL."""
+    port = free_port()
+    # The scoring server runs `uvicorn` from PATH: put this interpreter's bin folder first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
+    log = folder / f"server-{port}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            env=env, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
+        )
+        try:
+            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
+            while True:
+                assert process.poll() is None, log.read_text()[-3000:]
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.5)
+                assert time.monotonic() < deadline, "server did not answer /ping: " + log.read_text()[-3000:]
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

@@ -1,18 +1,13 @@
 """A real `mlflow models serve` process on 127.0.0.1 serving models:/tagger/Production."""
 from __future__ import annotations
 
-import os
-import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import requests
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run, scoring_server
 
 from mlflow_model.config import PredictorConfig
 from tagger.config import PackageConfig
@@ -30,15 +25,8 @@ pytestmark = pytest.mark.slow  # a real `mlflow models serve` process
 MAX_ROWS = 40  # the packaged per-request row limit
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
+def server(tmp_path_factory) -> Iterator[str]:
     """Train-free setup: two runs, package the best, promote it, serve it; yields the base URL."""
     tmp = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -54,32 +42,8 @@ def server(tmp_path_factory) -> str:
                                predictor=PredictorConfig(max_request_rows=MAX_ROWS))
         promote("tagger", package_best_run(config).version)
         mlflow.set_tracking_uri(None)
-    port = free_port()
-    # The scoring server runs `uvicorn` from PATH: put this interpreter's bin folder first.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
-    log = open(tmp / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tagger/Production",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not answer /ping in 180 s: " + Path(log.name).read_text()[-3000:])
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with scoring_server("models:/tagger/Production", uri, tmp) as url:
+        yield url
 
 
 def invoke(url: str, payload: dict) -> requests.Response:

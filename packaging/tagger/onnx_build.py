@@ -34,7 +34,7 @@ class ExportCheckError(Exception):
 
 def _dummy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """A small padded batch for tracing (one row with padding, so the mask path is traced)."""
-    input_ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]], dtype=torch.long)
+    input_ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 0]], dtype=torch.long)  # ids any vocabulary has
     return input_ids, (input_ids != 0).long()
 
 

@@ -1,0 +1,106 @@
+"""Every build (engine x precision) packages, loads offline and agrees with torch fp32; ONNX serves without torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server
+from test_predictor_speed_paths import varied_rows
+
+from mlflow_model.config import PredictorConfig
+from mlflow_model.predictor import TorchPredictor
+from tagger.cli import cli
+from tagger.config import PackageConfig
+from tagger.errors import BuildError
+from tagger.package import package_best_run
+
+ROWS = varied_rows(60, seed=5)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_encoder) -> dict:
+    """One training run (tiny model) in a module-wide store, a labelled CSV, and torch fp32's probabilities."""
+    folder = tmp_path_factory.mktemp("builds")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    checkpoint = build_tiny_checkpoint(folder / "checkpoint", tiny_encoder, seed=3)
+    labelled = ROWS.assign(tag=[list(CLASS_TO_INDEX)[i % 4] for i in range(len(ROWS))])
+    labelled.to_csv(folder / "eval.csv", index=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        log_training_run("exp", checkpoint, 0.5)
+        mlflow.set_experiment("Default")
+    with TorchPredictor.from_directories(checkpoint, tiny_encoder) as reference:
+        expected = reference.predict_proba(ROWS)
+    yield {"uri": uri, "folder": folder, "csv": str(folder / "eval.csv"), "expected": expected}
+    mlflow.set_tracking_uri(None)
+
+
+def package(store: dict, tiny_encoder, engine: str, precision: str) -> str:
+    """Package the run as one build; its models:/ URI."""
+    mlflow.set_tracking_uri(store["uri"])
+    config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=store["csv"],
+                           predictor=PredictorConfig(engine=engine, precision=precision))
+    version = package_best_run(config)
+    assert (version.tags["engine"], version.tags["precision"]) == (engine, precision)
+    assert float(version.tags["accuracy.f1_delta"]) == pytest.approx(
+        float(version.tags["accuracy.f1"]) - float(version.tags["accuracy.reference_f1"]), abs=2e-6)
+    return f"models:/tagger/{version.version}"
+
+
+def probabilities(model: mlflow.pyfunc.PyFuncModel) -> np.ndarray:
+    """The model's probabilities of ROWS, columns in CLASS_TO_INDEX order."""
+    return np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in model.predict(ROWS)["probabilities"]])
+
+
+@pytest.mark.parametrize(("engine", "precision"), [("torch", "bf16"), ("torch", "int8"), ("onnx", "int8")])
+def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precision):
+    got = probabilities(mlflow.pyfunc.load_model(package(store, tiny_encoder, engine, precision)))
+    assert got.shape == store["expected"].shape
+    assert (got.argmax(axis=1) == store["expected"].argmax(axis=1)).mean() >= 0.95
+    np.testing.assert_allclose(got, store["expected"], atol=0.05)
+
+
+@pytest.mark.slow
+def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encoder):
+    uri = package(store, tiny_encoder, "onnx", "fp32")
+    requirements = mlflow.pyfunc.get_model_dependencies(uri)
+    pins = open(requirements).read().split()
+    assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith(("torch", "transformers")) for p in pins)
+    script = (
+        "import json, sys, mlflow, pandas as pd;"
+        f"m = mlflow.pyfunc.load_model({uri!r});"
+        f"p = m.predict(pd.DataFrame({ROWS.to_dict(orient='list')!r}));"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules,"
+        " 'probabilities': list(p['probabilities'])}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": store["uri"]}
+    output = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    loaded = json.loads(output.stdout.strip().splitlines()[-1])
+    assert loaded["torch"] is False and loaded["transformers"] is False
+    got = np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in loaded["probabilities"]])
+    np.testing.assert_allclose(got, store["expected"], atol=1e-4)  # fp32: the same model
+
+    with scoring_server(uri, store["uri"], store["folder"]) as url:
+        records = ROWS.head(5).astype(object).where(ROWS.head(5).notna(), None).to_dict(orient="records")
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=60)
+        assert response.status_code == 200, response.text
+        served = np.array([[row["probabilities"][tag] for tag in CLASS_TO_INDEX] for row in response.json()["predictions"]])
+        np.testing.assert_allclose(served, store["expected"][:5], atol=1e-4)
+
+
+def test_a_build_that_does_not_exist_is_refused_with_the_builds_that_do(store, tiny_encoder):
+    with pytest.raises(BuildError, match="engine 'onnx' has no 'bf16' build; the builds are: torch fp32"):
+        package(store, tiny_encoder, "onnx", "bf16")
+    outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--engine", "onnx", "--precision", "bf16"])
+    assert outcome.exit_code == 1 and "BuildError: engine 'onnx' has no 'bf16' build" in outcome.output
+    assert "Traceback" not in outcome.output
