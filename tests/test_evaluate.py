@@ -66,7 +66,7 @@ def register(checkpoint: Path, encoder: Path, tmp_path: Path) -> str:
     artifacts = stage_artifacts(checkpoint, str(encoder), out)
     with mlflow.start_run(run_name="package"):
         info = log_pyfunc(artifacts, PredictorConfig())
-    return register_version(info.model_uri, NAME, {}, "test version").version
+    return str(register_version(info.model_uri, NAME, {}, "test version").version)
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder
     promote(NAME, version)
     results = evaluate_model(f"models:/{NAME}@champion", eval_csv)
 
-    assert results["version"] == version and results["overall"]["num_samples"] == len(ROWS)
+    assert str(results["version"]) == version and results["overall"]["num_samples"] == len(ROWS)
     for values in [results["overall"], *results["per_class"].values(), results["slices"]["nlp_llm"]]:
         assert all(0.0 <= values[k] <= 1.0 for k in ("precision", "recall", "f1"))
     assert {NLP, CV, MLOPS} <= set(results["per_class"])
@@ -91,21 +91,39 @@ def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder
 
     client = MlflowClient()
     run = client.get_run(results["run_id"])
+    assert run.info.run_name == f"evaluate-{NAME}-v{version}-eval.csv"
+    assert (run.data.tags["model_name"], run.data.tags["model_version"]) == (NAME, str(version))
+    assert run.data.params["model"] == f"{NAME}-v{version}" and run.data.params["uri"] == f"models:/{NAME}@champion"
+    assert f"**{NAME} v{version}**" in run.data.tags["mlflow.note.content"]
+    assert set(run.data.metrics) == {"accuracy", "precision", "recall", "f1"}  # the rest is one table
     assert run.data.metrics["f1"] == pytest.approx(results["overall"]["f1"])
-    assert f"class.{NLP}.recall" in run.data.metrics and "slice.short_texts.num_samples" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(results["run_id"])}
-    assert {"confusion_matrix.png", "evaluation.json"} <= logged
+    assert {"confusion_matrix.png", "evaluation.json", "evaluation_table.json"} <= logged
+    table = mlflow.load_table("evaluation_table.json", run_ids=[results["run_id"]])
+    assert list(table["scope"]) == ["overall"] + ["tag"] * len(results["per_class"]) + ["slice", "slice"]
+    nlp_row = table[(table["scope"] == "tag") & (table["name"] == NLP)].iloc[0]
+    assert nlp_row["recall"] == pytest.approx(results["per_class"][NLP]["recall"], abs=1e-4)
+    assert nlp_row["rows"] == NUM_NLP
     png = mlflow.artifacts.download_artifacts(run_id=results["run_id"], artifact_path="confusion_matrix.png")
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["eval.csv"]
 
     model_version = client.get_model_version(NAME, version)
-    assert float(model_version.tags["eval.f1"]) == pytest.approx(results["overall"]["f1"])
+    assert float(model_version.tags["eval.f1"]) == pytest.approx(results["overall"]["f1"], abs=1e-4)
     assert model_version.tags["eval.run_id"] == results["run_id"]
-    assert model_version.tags["eval.dataset"] == eval_csv
+    assert model_version.tags["eval.dataset"] == "eval.csv"  # its name, not a local path
+    headline = model_version.description.splitlines()[0]
+    assert headline.startswith(f"F1 {results['overall']['f1']:.4f} on eval.csv — ")
+    assert "test version" in model_version.description  # the description given at registration stays below it
     assert model_version.source == f"models:/{results['model_id']}"  # the LoggedModel behind the version
     model_metrics = {m.key: m.value for m in mlflow.get_logged_model(results["model_id"]).metrics}
     assert model_metrics["f1"] == pytest.approx(results["overall"]["f1"])
+
+
+def promote_runs(version: str) -> list:
+    """The promote runs of a version, newest first."""
+    return mlflow.search_runs(filter_string=f"attributes.run_name = 'promote-{NAME}-v{version}'",
+                              search_all_experiments=True, output_format="list")
 
 
 def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse, eval_csv):
@@ -113,16 +131,29 @@ def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse,
     client = MlflowClient()
 
     promoted, decision = gated_promote(NAME, better, eval_csv)  # no champion yet: accepted
-    assert (promoted.version, decision.decision, decision.champion) == (better, "accepted", None)
+    assert (str(promoted.version), decision.decision, decision.champion) == (better, "accepted", None)
     share = NUM_NLP / len(ROWS)  # always NLP: precision `share`, recall 1 on NLP rows, 0 elsewhere
     assert decision.challenger_f1 == pytest.approx(share * 2 * share / (1 + share))
+    (run,) = promote_runs(better)
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags[k] for k in ("model_version", "previous_champion", "gate.decision", "gate.dataset")} == {
+        "model_version": str(better), "previous_champion": "none", "gate.decision": "accepted",
+        "gate.dataset": "eval.csv",
+    }
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  search_all_experiments=True, output_format="list")
+    assert [child.info.run_name for child in children] == [f"evaluate-{NAME}-v{better}-eval.csv"]
 
     with pytest.raises(PromotionRefused, match=rf"version {worse} has F1 0.0000.*champion \(version {better}\)"):
         gated_promote(NAME, worse, eval_csv)
     assert champion_version(NAME) == better
+    (refused,) = promote_runs(worse)  # the refusal is recorded too, and the run itself did not fail
+    assert (refused.info.status, refused.data.tags["gate.decision"]) == ("FINISHED", "refused")
+    assert refused.data.tags["previous_champion"] == str(better)
+    assert "Refused" in refused.data.tags["mlflow.note.content"]
     assert client.get_model_version(NAME, better).current_stage == "Production"
     assert client.get_model_version(NAME, worse).tags["gate.decision"] == "refused"
-    assert client.get_model_version(NAME, worse).tags["eval.f1"] == "0.0"  # always "other", absent from the CSV
+    assert client.get_model_version(NAME, worse).tags["eval.f1"] == "0.0000"  # always "other", absent from the CSV
 
     promoted, decision = gated_promote(NAME, worse, eval_csv, force=True)
     assert (decision.decision, champion_version(NAME)) == ("forced", worse)
@@ -131,6 +162,20 @@ def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse,
     promoted, decision = gated_promote(NAME, better, eval_csv)  # better challenger replaces the champion
     assert (decision.decision, decision.champion, champion_version(NAME)) == ("accepted", worse, better)
     assert client.get_model_version(NAME, worse).current_stage == "Archived"
+    assert f"v{worse}, the champion before it, is archived" in promote_runs(better)[0].data.tags["mlflow.note.content"]
+
+    _, again = gated_promote(NAME, better, eval_csv)  # the champion itself: evaluated once, compared with itself
+    assert (again.decision, again.champion, again.champion_f1) == ("accepted", better, again.challenger_f1)
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{promote_runs(better)[0].info.run_id}'",
+                                  search_all_experiments=True, output_format="list")
+    assert len(children) == 1
+
+
+def test_promote_without_a_gate_is_recorded_in_a_promote_run(better_and_worse):
+    promoted, decision = gated_promote(NAME, better_and_worse["worse"], None)
+    assert decision is None and champion_version(NAME) == better_and_worse["worse"]
+    (run,) = promote_runs(better_and_worse["worse"])
+    assert (run.data.tags["gate.decision"], run.data.tags["previous_champion"]) == ("not gated", "none")
 
 
 def test_cli_evaluate_prints_json_and_promote_refusal_is_one_line(better_and_worse, eval_csv):

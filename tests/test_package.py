@@ -23,7 +23,7 @@ from tagger.errors import RunSelectionError
 from mlflow_model.predictor import TorchPredictor
 from tagger.package import package_best_run
 from tagger.registry import promote
-from tagger.runs import find_checkpoint, get_best_run_id
+from tagger.runs import find_checkpoint, get_best_run_id, ranking_key, ranking_value
 
 EXAMPLES = pd.DataFrame(
     {
@@ -50,6 +50,27 @@ def package(tiny_encoder: Path, **predictor) -> object:
 def test_best_run_is_chosen_by_val_loss(two_runs):
     assert get_best_run_id("exp") == two_runs["better"]
     assert get_best_run_id("exp", mode="DESC") == two_runs["worse"]
+
+
+def test_tagger_runs_rank_by_their_best_epoch_and_made_with_ml_runs_by_val_loss(tmp_path, tiny_encoder, tracking_uri):
+    """A tagger run's val_loss curve ends at its last epoch; its checkpoint is the best epoch's (best_val_loss)."""
+    mlflow.set_experiment("mixed")
+    with mlflow.start_run() as tagger_run:
+        for epoch, value in enumerate([0.5, 0.3, 0.9]):  # overfits after epoch 1
+            mlflow.log_metric("val_loss", value, step=epoch)
+        mlflow.log_metric("best_val_loss", 0.3)
+        mlflow.log_artifacts(str(build_tiny_checkpoint(tmp_path / "c", tiny_encoder, seed=1)), "checkpoint")
+        mlflow.set_tag("checkpoint_path", "checkpoint")
+    made_with_ml = log_training_run("mixed", None, 0.4)  # only val_loss
+    tagger_metrics = mlflow.get_run(tagger_run.info.run_id).data.metrics
+    assert ranking_key(tagger_metrics, "val_loss") == "best_val_loss"
+    assert ranking_value(tagger_metrics, "val_loss") == 0.3
+    assert ranking_key(mlflow.get_run(made_with_ml).data.metrics, "val_loss") == "val_loss"
+    assert get_best_run_id("mixed") == tagger_run.info.run_id  # 0.3 beats 0.4, though its last val_loss is 0.9
+    assert get_best_run_id("mixed", mode="DESC") == made_with_ml
+    version = package_best_run(PackageConfig(experiment_name="mixed", base_model=str(tiny_encoder)))
+    assert float(version.tags["val_loss"]) == 0.3  # the packaged checkpoint's value
+    assert "val_loss 0.3000" in version.description.splitlines()[0]
 
 
 def test_selection_errors_name_the_problem(tmp_path, tiny_encoder, tracking_uri):
@@ -93,6 +114,10 @@ def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
     assert float(version.tags["val_loss"]) == pytest.approx(0.4)
     assert version.tags["checkpoint_path"] == "checkpoint"
     assert two_runs["better"] in version.description
+    assert version.tags["encoder"] == tiny_encoder.name  # the encoder's name, never its local path
+    assert str(tiny_encoder) not in version.description
+    assert mlflow.get_run(two_runs["better"]).data.tags["registered_versions"] == "tagger v1"
+    assert mlflow.get_run(version.tags["package_run_id"]).info.run_name == "package-tagger-v1"
 
     loaded = mlflow.pyfunc.load_model("models:/tagger/1")
     got = loaded.predict(EXAMPLES)

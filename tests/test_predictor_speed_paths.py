@@ -85,7 +85,7 @@ def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, trac
     assert float(tags["accuracy.reference_f1"]) == pytest.approx(expected["fp32"], abs=1e-6)
     assert float(tags["accuracy.f1"]) == pytest.approx(expected["int8"], abs=1e-6)
     assert float(tags["accuracy.f1_delta"]) == pytest.approx(expected["int8"] - expected["fp32"], abs=2e-6)
-    assert tags["accuracy.dataset"] == labelled_csv and tags["accuracy.rows"] == "48"
+    assert tags["accuracy.dataset"] == "eval.csv" and tags["accuracy.rows"] == "48"  # a name, not a local path
 
     info = mlflow.models.get_model_info(f"models:/tagger/{version.version}")
     assert info.metadata["precision"] == "int8" and info.metadata["accuracy.f1_delta"] == tags["accuracy.f1_delta"]

@@ -120,6 +120,33 @@ def test_the_training_loop_learns_a_learnable_toy_set(tiny_csv, pretrained_encod
     assert summary["best"]["val_loss"] == min(epoch["val_loss"] for epoch in summary["history"])
 
 
+def test_a_resumed_loop_goes_on_exactly_where_its_checkpoint_stopped(tiny_csv, pretrained_encoder, tmp_path):
+    """Weights, optimizer, scheduler and RNG come back: epoch 2 after a resume equals epoch 2 of an unbroken run."""
+    import shutil
+
+    from mlflow_model.checkpoint import SAFETENSORS_FILE
+    from tagger.train import prepare_data, resolve_config
+    from tagger.train_loop import TRAINING_STATE_FILE, run_training
+
+    config = resolve_config(tiny_config(tiny_csv, pretrained_encoder, tmp_path, num_epochs=3, lr=3e-3))
+    cfg = dataclasses.asdict(config) | prepare_data(config)
+
+    def keep(metrics: dict, folder: str | None) -> None:  # Ray's report: keep each epoch's checkpoint
+        shutil.copytree(folder, tmp_path / f"epoch-{metrics['epoch']}")
+
+    unbroken = run_training(cfg, report=keep)
+    assert {p.name for p in (tmp_path / "epoch-0").iterdir()} == {
+        SAFETENSORS_FILE, "args.json", "class_to_index.json", TRAINING_STATE_FILE
+    }
+    resumed = run_training(cfg, resume_from=tmp_path / "epoch-0")  # as after a failure during epoch 1
+    assert resumed["resumed_at_epoch"] == 1 and len(resumed["history"]) == 3
+    assert resumed["history"][0] == unbroken["history"][0]  # restored, not re-run
+    for epoch in (1, 2):
+        for key, value in unbroken["history"][epoch].items():
+            assert resumed["history"][epoch][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (epoch, key)
+    assert resumed["best_epoch"] == unbroken["best_epoch"]
+
+
 # ---------------------------------------------------------------------------- Ray + MLflow
 
 
@@ -143,9 +170,12 @@ def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
     for metric in ("train_loss", "lr"):
         assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [0, 1]
     val_history = client.get_metric_history(result.run_id, "val_loss")
-    assert [m.step for m in val_history] == [0, 1, 2]  # 2 epochs, then the best epoch's value at step 2
-    assert val_history[-1].value == pytest.approx(min(m.value for m in val_history[:2]))
-    assert {"val_f1", "val_accuracy", "best_epoch"} <= set(run.data.metrics)
+    assert [m.step for m in val_history] == [0, 1]  # the curve ends at the last epoch
+    assert run.data.metrics["best_val_loss"] == pytest.approx(min(m.value for m in val_history))
+    assert run.data.tags["best_epoch"] == f"{result.best_epoch + 1} of 2 (step {result.best_epoch})"
+    assert {"val_f1", "val_accuracy", "best_val_f1", "best_val_accuracy"} <= set(run.data.metrics)
+    assert float(run.data.tags["train_seconds"]) > 0
+    assert len(client.get_metric_history(result.run_id, "best_val_loss")) == 1
     assert run.data.tags[CHECKPOINT_TAG] == "checkpoint"
     names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoint")}
     assert names == {"model.safetensors", "args.json", "class_to_index.json"}  # one copy of the weights
@@ -161,6 +191,44 @@ def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
     predictions = model.predict(frame)
     assert set(predictions["prediction"]) <= set(CLASS_TO_INDEX)
     assert all(abs(sum(p.values()) - 1) < 1e-4 for p in predictions["probabilities"])
+
+
+@pytest.mark.slow
+def test_training_survives_a_worker_failure_with_each_epoch_logged_once(
+    ray_cluster, tracking_uri, tiny_csv, pretrained_encoder, tmp_path, monkeypatch
+):
+    """Rank 0 dies (os._exit) once, after logging epoch 2 and before reporting it; Ray Train restarts it."""
+    from tagger.train import FAULT_ENV, train
+
+    monkeypatch.setenv(FAULT_ENV, "1")  # 0-based epoch
+    config = tiny_config(tiny_csv, pretrained_encoder, tmp_path, num_epochs=3, max_failures=1)
+    result = train(config)
+    assert (tmp_path / "ray" / "fault-injected").is_file()  # the worker really died once
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert "resumed at epoch 2" in run.data.tags["mlflow.note.content"]
+    for key in ("train_loss", "lr", "val_loss", "val_f1"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [0, 1, 2], key
+    assert len(result.history) == 3
+    names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoint")}
+    assert names == {"model.safetensors", "args.json", "class_to_index.json"}  # no training state packaged
+    assert run.data.metrics["best_val_loss"] == pytest.approx(min(m["val_loss"] for m in result.history))
+
+
+@pytest.mark.slow
+def test_without_max_failures_a_worker_failure_fails_the_run(
+    ray_cluster, tracking_uri, tiny_csv, pretrained_encoder, tmp_path, monkeypatch
+):
+    from tagger.train import FAULT_ENV, train
+
+    monkeypatch.setenv(FAULT_ENV, "0")
+    with pytest.raises(Exception, match="(?i)worker|actor|died|exit"):
+        train(tiny_config(tiny_csv, pretrained_encoder, tmp_path, num_epochs=2, max_failures=0), run_name="no-retry")
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id],
+                                        "attributes.run_name = 'no-retry'")
+    assert run.info.status == "FAILED"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [0]
 
 
 @pytest.mark.slow

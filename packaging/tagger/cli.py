@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from typing import Any
 
 import click
@@ -23,8 +25,44 @@ from tagger.config import (
 )
 
 
+# Quiet by default (`tagger --verbose` shows them): set before a local Ray starts, its processes inherit them.
+QUIET_ENV = {
+    "RAY_LOGGER_LEVEL": "error",  # Python logs of Ray's processes (e.g. PlacementGroupCleaner's state-API warnings)
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # preemptible cluster nodes only; it logs an actor-restart warning
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # Hugging Face download and weight-loading bars
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's artifact download bars
+}
+QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)  # "token authentication is enabled"
+
+
+def configure_output(verbose: bool) -> None:
+    """Hide Ray's internal warnings and download bars unless verbose; epoch lines and batch progress stay."""
+    if verbose:
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class TaggerCommand(click.Command):
+    """A command that first checks that the MLflow tracking server answers (MLflow itself retries for minutes)."""
+
+    own_store = ("quickstart",)  # commands that set up their own local store
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Check the tracking server (a one-line ServiceError naming it), then run the command."""
+        from tagger.sessions import check_tracking_server
+
+        if self.name not in self.own_store:
+            check_tracking_server()
+        return super().invoke(ctx)
+
+
 class TaggerGroup(click.Group):
     """A click group that prints tagger's and MLflow's errors as one line instead of a traceback."""
+
+    command_class = TaggerCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; a TaggerError or MlflowException becomes a one-line error, exit 1."""
@@ -83,8 +121,10 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 
 
 @click.group(cls=TaggerGroup)
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="Show Ray's internal log lines and download progress bars.")
+def cli(verbose: bool) -> None:
     """Train, package, register, promote and query the tagger model."""
+    configure_output(verbose)
 
 
 @cli.command()
@@ -104,6 +144,8 @@ def cli() -> None:
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
          help="Serving: most rows one request may hold (default: measured here, half the request timeout's worth).")
 @setting("--eval-dataset", PackageConfig, help="Labelled CSV for a build's F1 change (default: data/projects.csv).")
+@setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
+         "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
 def package(experiment_name: str, **values: Any) -> None:
     """Package the best run of an experiment and register it as a new model version."""
     from tagger.package import package_best_run
@@ -130,18 +172,17 @@ def package(experiment_name: str, **values: Any) -> None:
 @click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               help="With --eval-dataset: promote even if the challenger scores worse (`--force` or `--force true`).")
 def promote(model_name: str | None, version: str | None, eval_dataset: str | None, force: bool) -> None:
-    """Promote a version: stage Production (previous one archived) and alias champion."""
+    """Promote a version: stage Production (previous one archived) and alias champion, in a promote run."""
+    from tagger.gate import gated_promote
+
     model_name = model_name or field_default(PackageConfig, "model_name")
-    if eval_dataset:
-        from tagger.gate import gated_promote
-
-        promoted, decision = gated_promote(model_name, version, eval_dataset, force=force)
-        champion = f"{decision.champion_f1:.4f} (version {decision.champion})" if decision.champion else "none"
+    promoted, decision = gated_promote(model_name, version, eval_dataset or None, force=force)
+    if decision is not None:
+        if decision.champion_error:
+            champion = f"unknown (version {decision.champion} cannot be loaded: {decision.champion_error})"
+        else:
+            champion = f"{decision.champion_f1:.4f} (version {decision.champion})" if decision.champion else "none"
         click.echo(f"Gate {decision.decision}: challenger F1 {decision.challenger_f1:.4f}, champion F1 {champion}")
-    else:
-        from tagger.registry import promote as promote_version
-
-        promoted = promote_version(model_name, version)
     click.echo(f"{promoted.name} version {promoted.version} is now {promoted.current_stage} and @champion")
 
 
@@ -193,7 +234,8 @@ def verify(model_uri: str | None) -> None:
          help="Input format (default: from the extension).")
 @setting("--id-column", BatchPredictConfig,
          help="Input column that names a row in the error report; without it, a row is named by its text.")
-@setting("--address", BatchPredictConfig, help="Ray cluster to join (e.g. auto, ray://head:10001); default: local Ray.")
+@setting("--address", BatchPredictConfig, help="Ray cluster to join: host:port as `ray start` prints it, or auto "
+         "(default: RAY_ADDRESS, else a local Ray).")
 def batch_predict(**values: Any) -> None:
     """Tag every row of CSV/Parquet/JSON-lines files on Ray Data and write Parquet (bad rows get an error)."""
     from tagger.batch_predict import batch_predict as run_batch
@@ -210,7 +252,8 @@ def train_options(function: Any) -> Any:
     """Options shared by `train` and `sweep` (MLproject's `train` parameters, plus a few extras)."""
     T = TrainConfig  # noqa: N806
     options = [
-        setting("--experiment-name", T, help="MLflow experiment that receives the run(s)."),
+        setting("--experiment-name", T, help="MLflow experiment that receives the run(s) (default: under `mlflow "
+                "run`, the experiment of its run; else tagger)."),
         setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: data/projects.csv)."),
         setting("--base-model", T, help="Encoder folder or Hugging Face name (default: bundled all-MiniLM-L6-v2)."),
         setting("--num-workers", T, WholeNumber(), help="Ray Train workers (data parallel)."),
@@ -222,7 +265,12 @@ def train_options(function: Any) -> Any:
         setting("--warmup-ratio", T, click.FloatRange(0, 1, max_open=True)),
         setting("--weight-decay", T, click.FloatRange(0)),
         setting("--num-samples", T, WholeNumber(), help="Use only the first N rows."),
-        setting("--storage-path", T, help="Folder for Ray Train's run files (default: a temporary folder, removed after)."),
+        setting("--storage-path", T, help="Folder or URI (s3://...) for Ray Train's checkpoints; on a multi-node "
+                "cluster, storage every node reaches (default: a temporary folder, removed after)."),
+        setting("--ray-address", T, help="Ray cluster to join: host:port as `ray start` prints it, or auto "
+                "(default: RAY_ADDRESS, else a local Ray)."),
+        setting("--max-failures", T, WholeNumber(minimum=0),
+                help="Worker failures to recover from, resuming at the last epoch's checkpoint."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -17,9 +17,11 @@ MODEL_NAME = "tagger"
 CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
+BEST_PREFIX = "best_"  # training run summary metrics: best_val_loss, ... (the best epoch's, its checkpoint's)
 # The small labelled dataset the project ships (build time only).
 SHIPPED_DATASET = Path(__file__).resolve().parents[2] / "data" / "projects.csv"
 SCHEDULERS = ("linear", "cosine", "plateau", "constant")
+DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what default_base_model() holds
 
 
 def champion_uri(model_name: str = MODEL_NAME) -> str:
@@ -45,13 +47,14 @@ class PackageConfig:
     base_model: str | None = None  # None: the encoder the run was trained with, else default_base_model()
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
+    run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run on Ray Train (defaults tuned for all-MiniLM-L6-v2 on 2 CPU cores)."""
 
-    experiment_name: str = "tagger"
+    experiment_name: str | None = None  # None: under `mlflow run`, its run's experiment; else "tagger"
     dataset_loc: str | None = None  # None: SHIPPED_DATASET
     base_model: str | None = None  # None: default_base_model()
     num_epochs: int = 5  # tuned: 5 epochs at lr 1e-4 (linear decay) beat 10 on validation and holdout
@@ -68,7 +71,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.0
     num_samples: int | None = None  # None: every row of the dataset
-    storage_path: str | None = None  # None: a temporary folder, removed after the run is logged
+    storage_path: str | None = None  # None: a temporary folder, removed after the run is logged; s3://... on a cluster
+    ray_address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
+    max_failures: int = 1  # worker failures Ray Train recovers from (restarting from the last checkpoint)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
@@ -83,8 +88,8 @@ class EvaluateConfig:
     llm_tag: str = "natural-language-processing"  # slice "nlp_llm": rows of this tag...
     llm_pattern: str = r"\b(transformers?|llms?|large language models?|bert|gpt\w*|llama|t5|bart)\b"  # ...matching this
     tag_prefix: str = "eval."  # version tags: eval.f1, eval.dataset, eval.run_id, ...
-    run_name: str = "evaluate"
     figure_file: str = "confusion_matrix.png"
+    table_file: str = "evaluation_table.json"  # per-tag and slice scores, one table (mlflow.log_table)
     results_file: str = "evaluation.json"
     f1_tolerance: float = 0.0  # gate: refuse a challenger whose F1 is below champion F1 - tolerance
     gate_tag_prefix: str = "gate."  # challenger's version tags: gate.decision, gate.champion_f1, ...
@@ -104,7 +109,9 @@ class BatchPredictConfig:
     io_cpus: float = 0.25  # Ray CPUs of each read / write task
     reserved_cpus: float = 1.25  # Ray CPUs actors never take: Ray Data's file listing (1) + one I/O task
     id_column: str = "id"  # input column naming a row in error reports (if the input has it)
-    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: a local Ray
+    address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
+    actor_max_restarts: int = 3  # an actor whose process dies is restarted this often...
+    actor_max_task_retries: int = 3  # ...and its unfinished batches retried; then the job fails, no output kept
     max_reported_errors: int = 20  # bad rows listed in the summary (all are counted)
 
 

@@ -1,6 +1,7 @@
 """Typed errors of the build-side commands (training, packaging, promotion), one line each on the CLI."""
 from __future__ import annotations
 
+from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from mlflow_model.errors import TaggerError
@@ -26,3 +27,13 @@ class TrainConfigError(TaggerError):
 
 class BuildError(TaggerError):
     """An engine x precision that does not exist, or a build that failed its check against torch fp32."""
+
+
+class ServiceError(TaggerError):
+    """A tracking server or Ray cluster cannot be reached or joined, or a job on it lost or duplicated rows."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: the first line of its message (an MlflowException's own), else its type."""
+    text = error.message if isinstance(error, MlflowException) else str(error)
+    return (text.strip().splitlines() or [type(error).__name__])[0]

@@ -1,14 +1,18 @@
-"""The promotion gate: a challenger replaces the champion only if its F1 is not worse."""
+"""Promotion, recorded in a `promote-<model>-v<N>` run, and its gate: a challenger replaces the champion
+only if its F1 is not worse."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import mlflow
+from mlflow.entities import RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from tagger.config import EvaluateConfig
-from tagger.errors import PromotionRefused
-from tagger.evaluate import evaluate_model
+from tagger.config import CHAMPION_ALIAS, PRODUCTION_STAGE, EvaluateConfig
+from tagger.errors import PromotionRefused, one_line
+from tagger.evaluate import evaluate_model, experiment_of
+from tagger.records import dataset_name, name_and_describe, promote_run_name
 from tagger.registry import champion_version, newest_version, promote
 
 
@@ -22,6 +26,7 @@ class GateDecision:
     champion_f1: float | None
     dataset: str
     decision: str  # "accepted", "refused" or "forced"
+    champion_error: str | None = None  # why the champion could not be loaded and scored (then champion_f1 is None)
 
 
 def decide(challenger_f1: float, champion_f1: float | None, force: bool, tolerance: float = 0.0) -> str:
@@ -35,14 +40,38 @@ def compare(name: str, version: str, dataset_loc: str, force: bool, config: Eval
     """Evaluate the challenger (and the champion, if another version) on the same CSV."""
     champion = champion_version(name)
     challenger_f1 = evaluate_model(f"models:/{name}/{version}", dataset_loc, config)["overall"]["f1"]
-    champion_f1 = None
-    if champion is not None:
-        champion_f1 = (
-            challenger_f1 if champion == version
-            else evaluate_model(f"models:/{name}/{champion}", dataset_loc, config)["overall"]["f1"]
+    champion_f1 = champion_error = None
+    if champion == version:
+        champion_f1 = challenger_f1
+    elif champion is not None:
+        try:
+            champion_f1 = evaluate_model(f"models:/{name}/{champion}", dataset_loc, config)["overall"]["f1"]
+        except Exception as error:  # e.g. its artifacts were moved or deleted: no comparison is possible
+            champion_error = one_line(error)
+    if champion_error:
+        decision = "forced" if force else "refused"
+    else:
+        decision = decide(challenger_f1, champion_f1, force, config.f1_tolerance)
+    return GateDecision(version, challenger_f1, champion, champion_f1, dataset_name(dataset_loc), decision, champion_error)
+
+
+def refusal(name: str, decision: GateDecision) -> str:
+    """Why the gate kept the champion, in one line."""
+    if decision.champion_error:
+        return (
+            f"the champion ({name} version {decision.champion}) cannot be loaded to compare {name} version "
+            f"{decision.challenger} with: {decision.champion_error}; the champion stays (pass --force to promote anyway)"
         )
-    decision = decide(challenger_f1, champion_f1, force, config.f1_tolerance)
-    return GateDecision(version, challenger_f1, champion, champion_f1, dataset_loc, decision)
+    return (
+        f"{name} version {decision.challenger} has F1 {decision.challenger_f1:.4f} on {decision.dataset}, worse than "
+        f"the champion (version {decision.champion}) with {decision.champion_f1:.4f}; the champion stays "
+        "(pass --force to promote anyway)"
+    )
+
+
+def tag_value(value: object) -> str:
+    """A tag's text: scores with 4 decimals, the rest as it is."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def record(name: str, decision: GateDecision, config: EvaluateConfig) -> None:
@@ -50,24 +79,60 @@ def record(name: str, decision: GateDecision, config: EvaluateConfig) -> None:
     client = MlflowClient()
     for key, value in asdict(decision).items():
         if key != "challenger" and value is not None:
-            client.set_model_version_tag(name, decision.challenger, f"{config.gate_tag_prefix}{key}", str(value))
+            client.set_model_version_tag(name, decision.challenger, f"{config.gate_tag_prefix}{key}", tag_value(value))
+
+
+def describe_promotion(name: str, version: str, previous: str | None, decision: GateDecision | None) -> str:
+    """The promote run's description: what was promoted, what it replaced, what the gate found."""
+    refused = decision is not None and decision.decision == "refused"
+    if refused:
+        stays = f"v{previous} stays {PRODUCTION_STAGE} with alias `{CHAMPION_ALIAS}`"
+        text = f"Refused to promote **{name} v{version}**; {stays}."
+    else:
+        replaced = ("no champion before it" if previous is None else "it already was the champion"
+                    if previous == version else f"v{previous}, the champion before it, is archived")
+        text = f"Promotes **{name} v{version}** to stage {PRODUCTION_STAGE} and alias `{CHAMPION_ALIAS}` ({replaced})."
+    if decision is None:
+        return text + " Not gated (no evaluation dataset given)."
+    champion = f"v{decision.champion}'s {decision.champion_f1:.4f}" if decision.champion_f1 is not None else "no champion"
+    if decision.champion_error:
+        champion = f"v{decision.champion}, which cannot be loaded ({decision.champion_error})"
+    return (
+        f"{text}\n\nGate on `{decision.dataset}`: F1 {decision.challenger_f1:.4f} against {champion}: "
+        f"**{decision.decision}**. The evaluations are the runs nested under this one."
+    )
+
+
+def record_promotion(run_id: str, name: str, version: str, previous: str | None, decision: GateDecision | None) -> None:
+    """Name the promote run and tag it with the version, the previous champion and the gate's result."""
+    name_and_describe(run_id, promote_run_name(name, version), describe_promotion(name, version, previous, decision))
+    tags = {"model_name": name, "model_version": version, "previous_champion": previous if previous else "none",
+            "gate.decision": decision.decision if decision else "not gated"}
+    if decision is not None:
+        tags |= {f"gate.{k}": v for k, v in asdict(decision).items() if k != "decision" and v is not None}
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, tag_value(v)) for k, v in tags.items()])
 
 
 def gated_promote(
-    name: str, version: str | None, dataset_loc: str, force: bool = False, config: EvaluateConfig | None = None
-) -> tuple[ModelVersion, GateDecision]:
-    """Promote `version` (default: newest) only if its F1 on dataset_loc is not worse than the champion's.
+    name: str, version: str | None, dataset_loc: str | None, force: bool = False, config: EvaluateConfig | None = None
+) -> tuple[ModelVersion, GateDecision | None]:
+    """Promote `version` (default: newest) in a `promote-<model>-v<N>` run; returns it and the gate's decision.
 
-    Raises PromotionRefused (champion unchanged) when it is worse and force is False.
+    With dataset_loc the promotion is gated: the version's F1 on it must not be worse than the
+    champion's (the evaluations are runs nested in the promote run), else PromotionRefused is raised
+    and the champion stays, unless force. Without it (None) there is no gate and no decision.
     """
     config = config or EvaluateConfig()
     version = str(version or newest_version(name))
-    decision = compare(name, version, dataset_loc, force, config)
-    record(name, decision, config)
-    if decision.decision == "refused":
-        raise PromotionRefused(
-            f"{name} version {version} has F1 {decision.challenger_f1:.4f} on {dataset_loc}, worse than the "
-            f"champion (version {decision.champion}) with {decision.champion_f1:.4f}; the champion stays "
-            "(pass --force to promote anyway)"
-        )
-    return promote(name, version), decision
+    previous = champion_version(name)
+    experiment = experiment_of(MlflowClient().get_model_version(name, version))
+    with mlflow.start_run(experiment_id=experiment, nested=mlflow.active_run() is not None) as run:
+        decision = compare(name, version, dataset_loc, force, config) if dataset_loc else None
+        if decision is not None:
+            record(name, decision, config)
+        record_promotion(run.info.run_id, name, version, previous, decision)
+        refused = decision is not None and decision.decision == "refused"
+        promoted = None if refused else promote(name, version)
+    if promoted is None:
+        raise PromotionRefused(refusal(name, decision))
+    return promoted, decision

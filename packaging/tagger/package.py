@@ -13,8 +13,9 @@ from tagger.builds import accuracy_change, check_build, f1_metrics, is_reference
 from tagger.bundle import INPUT_EXAMPLE, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
-from tagger.registry import register_version
-from tagger.runs import download_checkpoint, find_checkpoint, get_best_run_id
+from tagger.records import dataset_name, encoder_name, run_link
+from tagger.registry import register_version, version_description
+from tagger.runs import ranking_value, select_checkpoint
 
 
 def trained_param(run: Run, name: str) -> str | None:
@@ -25,16 +26,15 @@ def trained_param(run: Run, name: str) -> str | None:
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
     check_build(config.predictor.engine, config.predictor.precision)
-    run_id = get_best_run_id(config.experiment_name, config.metric, config.mode)
-    source = mlflow.get_run(run_id)
-    metric_value = source.data.metrics[config.metric]
-    checkpoint_path = find_checkpoint(run_id, config.metric, config.mode)
-    base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
-    trained_length = trained_param(source, "max_length")
-    if config.predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
-        config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_dir = download_checkpoint(run_id, checkpoint_path, f"{tmp}/download")
+        # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
+        run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
+        source = mlflow.get_run(run_id)
+        metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
+        base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
+        trained_length = trained_param(source, "max_length")
+        if config.predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
+            config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
         artifacts = reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
         if config.predictor.engine == "onnx":
@@ -54,15 +54,23 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
             info = log_pyfunc(artifacts, config.predictor, metadata={"source_run_id": run_id, **accuracy})
     tags = {
         "source_run_id": run_id,
-        config.metric: str(metric_value),
+        config.metric: f"{metric_value:.4f}",
         "checkpoint_path": checkpoint_path or "/",
         "package_run_id": run.info.run_id,
         "engine": config.predictor.engine,
         "precision": config.predictor.precision,
+        "training_run": source.info.run_name,
+        "encoder": encoder_name(base_model),
+        "num_epochs": trained_param(source, "num_epochs") or "",
+        "selected_by": f"{config.metric} {config.mode}",
         **accuracy,
     }
-    description = (
-        f"Best run {run_id} of experiment {config.experiment_name!r} by {config.metric} {config.mode} "
-        f"({config.metric}={metric_value:.4f}), checkpoint '{checkpoint_path or '/'}', encoder {base_model}."
-    )
+    if "accuracy.dataset" in tags:  # a name, not a local path
+        tags["accuracy.dataset"] = dataset_name(eval_dataset)
+    description = version_description(tags, [
+        f"**Training run**: {run_link(source.info.experiment_id, run_id, source.info.run_name)} (`{run_id}`), "
+        f"the best of experiment `{config.experiment_name}` by {config.metric} {config.mode}; "
+        f"packaged from its checkpoint at `{checkpoint_path or '/'}`",
+        f"**Build**: {config.predictor.engine} {config.predictor.precision}, encoder {encoder_name(base_model)}",
+    ])
     return register_version(info.model_uri, config.model_name, tags, description)

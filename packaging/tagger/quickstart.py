@@ -9,8 +9,9 @@ import mlflow
 import pandas as pd
 
 from tagger.config import MODEL_NAME, PRODUCTION_STAGE, PackageConfig, QuickstartConfig, TrainConfig
+from tagger.gate import gated_promote
 from tagger.package import package_best_run
-from tagger.registry import promote
+from tagger.records import plural
 from tagger.train import train
 
 EXAMPLES = pd.DataFrame(
@@ -49,17 +50,23 @@ def serve_command(tracking_uri: str) -> str:
     )
 
 
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store (127.0.0.1 only)."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return f"{shlex.quote(str(mlflow_bin))} ui --backend-store-uri {shlex.quote(tracking_uri)} -h 127.0.0.1 -p 5001"
+
+
 def quickstart(config: QuickstartConfig) -> pd.DataFrame:
     """Run the whole flow and print what a user needs next; returns the example predictions."""
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = use_local_store(workdir, config.experiment_name)
-    print(f"[1/4] Training on Ray Train ({config.num_epochs} epochs) into {tracking_uri}", flush=True)
+    print(f"[1/4] Training on Ray Train ({plural(config.num_epochs, 'epoch')}) into {tracking_uri}", flush=True)
     train(TrainConfig(experiment_name=config.experiment_name, num_epochs=config.num_epochs))
     print("[2/4] Packaging the best run by val_loss and registering it", flush=True)
     version = package_best_run(PackageConfig(experiment_name=config.experiment_name))
     print(f"[3/4] Promoting {version.name} version {version.version} to {PRODUCTION_STAGE} and @champion", flush=True)
-    promote(version.name, str(version.version))
+    gated_promote(version.name, str(version.version), None)
     print(f"[4/4] Predicting with models:/{MODEL_NAME}/{PRODUCTION_STAGE}", flush=True)
     predictions = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{PRODUCTION_STAGE}").predict(EXAMPLES)
     table = EXAMPLES[["title"]].assign(
@@ -67,6 +74,8 @@ def quickstart(config: QuickstartConfig) -> pd.DataFrame:
         confidence=[round(max(p.values()), 3) for p in predictions["probabilities"]],
     )
     print(table.to_string(index=False))
+    print(f"\nSee the runs, charts and the registered model in the MLflow UI (then open http://127.0.0.1:5001):"
+          f"\n  {ui_command(tracking_uri)}")
     print(f"\nServe it:\n  {serve_command(tracking_uri)}")
     print(
         "Then:\n  curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' "

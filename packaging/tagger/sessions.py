@@ -3,17 +3,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tagger.errors import ServiceError, one_line
+
 # What Ray workers on another machine need to import: the served model's code and this package.
 RUNTIME_PACKAGE = Path(__file__).resolve().parents[2] / "mlflow_model"
 BUILD_PACKAGE = Path(__file__).resolve().parent
+DEFAULT_EXPERIMENT = "tagger"  # train's experiment when none is named and no `mlflow run` names one
+# Driver settings that Ray workers of a joined cluster get through the runtime env (plus every AWS_*).
+WORKER_VARIABLES = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS",
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+)
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+CONNECT_TIMEOUT_S = 10.0  # an unreachable tracking server or Ray cluster is reported after this
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -25,6 +37,42 @@ def absolute_tracking_uri(uri: str) -> str:
     if "://" not in uri and not uri.startswith(("databricks", "file:", "sqlite:")):
         return os.path.abspath(uri)
     return uri
+
+
+def check_reachable(what: str, host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ServiceError naming `what` unless a TCP connection to host:port opens within `timeout`."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise ServiceError(f"{what} is not reachable: {reason} (tried {host}:{port} for up to {timeout:g} s)") from None
+
+
+def check_tracking_server() -> None:
+    """Fail fast, naming the URI, when the tracking or registry server (http, database) is unreachable.
+
+    MLflow itself retries an unreachable server for minutes; a file or sqlite store needs no check.
+    """
+    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    servers = [("MLflow tracking server", tracking)] + ([("MLflow registry server", registry)] if registry != tracking else [])
+    for what, uri in servers:
+        parts = urlsplit(uri)
+        scheme = parts.scheme.split("+")[0]
+        if scheme in DEFAULT_PORTS and parts.hostname:
+            port = parts.port or DEFAULT_PORTS[scheme]
+            check_reachable(f"{what} {scheme}://{parts.hostname}:{port}", parts.hostname, port)
+
+
+def experiment_for_run(client: MlflowClient, name: str | None) -> str:
+    """The experiment a training logs into: `name`; else that of the run `mlflow run` made (or the
+    active run); else MLFLOW_EXPERIMENT_NAME; else DEFAULT_EXPERIMENT."""
+    if name:
+        return name
+    active = mlflow.active_run()
+    parent_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")
+    if parent_id:
+        return client.get_experiment(client.get_run(parent_id).info.experiment_id).name
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -71,12 +119,65 @@ def open_run(
     return run.info.run_id, experiment, True
 
 
+def ray_address(address: str | None) -> str | None:
+    """The Ray cluster to join: `address`, else RAY_ADDRESS, else None (start a local Ray)."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    if not address:
+        return None
+    if address.startswith("ray://"):
+        raise ServiceError(
+            f"Ray address {address!r}: Ray Client (ray://) is not supported (Ray Train and Data jobs need a driver "
+            "on the cluster); run tagger on a cluster node with the address `ray start` prints (host:port), or "
+            "submit it with `ray job submit`"
+        )
+    if address != "auto" and not address.rpartition(":")[2].isdigit():
+        raise ServiceError(f"Ray address {address!r} is neither host:port (as `ray start` prints it) nor auto")
+    return address
+
+
+def use_ray_token_auth() -> None:
+    """Send the Ray auth token to a cluster named by host:port, as Ray itself does only for "auto".
+
+    `ray start` enables token auth by default. When RAY_AUTH_MODE is unset and a token exists
+    (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), Ray's own helper for "auto" turns
+    token mode on (setting RAY_AUTH_MODE=token alone is not enough once ray is imported: its
+    config is cached); a cluster without auth ignores the token.
+    """
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def worker_environment() -> dict[str, str]:
+    """The driver's MLflow and S3 settings, for workers of a cluster that was started without them."""
+    env = {k: v for k, v in os.environ.items() if k in WORKER_VARIABLES or k.startswith("AWS_")}
+    env["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(mlflow.get_tracking_uri())
+    return env
+
+
+def join_cluster(address: str) -> None:
+    """ray.init on a running cluster, its workers given both packages and the driver's settings."""
+    import ray
+
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        check_reachable(f"Ray cluster at {address}", host.strip("[]"), int(port))
+    use_ray_token_auth()
+    runtime_env = {"py_modules": [str(RUNTIME_PACKAGE), str(BUILD_PACKAGE)], "env_vars": worker_environment()}
+    try:
+        ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
+    except Exception as error:  # ConnectionError, auth errors, a version mismatch: one line naming the cluster
+        raise ServiceError(f"cannot join the Ray cluster at {address}: {one_line(error)}") from error
+    print(f"Ray: joined the cluster at {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs)", flush=True)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Join the Ray at `address`, or start a local Ray (no dashboard, no usage stats); yields True if local.
+    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats);
+    yields True if local.
 
-    A no-op when this process is already connected. A local Ray started here is shut down at the
-    end; a joined cluster is left running, its workers given both packages through the runtime env.
+    A no-op when this process is already connected. The connection made here is closed at the end
+    (a local Ray stops; a joined cluster keeps running).
     """
     import ray
 
@@ -85,13 +186,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if address is None:  # local workers import both packages from this environment
-        options: dict[str, Any] = {"num_cpus": max(os.cpu_count() or 1, num_cpus or 0), "include_dashboard": False}
+    address = ray_address(address)
+    if address is None:  # local workers import both packages from this environment and inherit its variables
+        cpus = max(os.cpu_count() or 1, num_cpus or 0)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning")
     else:
-        options = {"runtime_env": {"py_modules": [str(RUNTIME_PACKAGE), str(BUILD_PACKAGE)]}}
-    ray.init(address=address, logging_level="warning", **options)
+        join_cluster(address)
     try:
         yield address is None
     finally:
-        if address is None:
-            ray.shutdown()
+        ray.shutdown()

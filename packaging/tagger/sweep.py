@@ -1,6 +1,7 @@
 """A small sweep: several training configurations, one MLflow run each, in one experiment.
 
-Each configuration is a plain Ray Train run (tagger.train.train) sharing one local Ray; the
+Each configuration is a plain Ray Train run (tagger.train.train) sharing one Ray (local, or the
+cluster at --ray-address or RAY_ADDRESS); the
 runs carry the tag `sweep_id`, so the best one by `val_loss` can then be packaged with
 `tagger package --experiment-name NAME`.
 """
@@ -11,8 +12,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from mlflow.tracking import MlflowClient
+
 from tagger.config import TrainConfig
-from tagger.sessions import ray_session
+from tagger.sessions import experiment_for_run, ray_session
 from tagger.train import TrainResult, train
 
 # Fields a sweep may vary (the rest of TrainConfig is shared by every run).
@@ -47,9 +50,10 @@ def sweep(base: TrainConfig, overrides: list[dict[str, Any]], sweep_id: str | No
     if not overrides:
         raise ValueError("a sweep needs at least one configuration")
     sweep_id = sweep_id or uuid.uuid4().hex[:8]
+    base = base.replace(experiment_name=experiment_for_run(MlflowClient(), base.experiment_name))
     need = base.num_workers * base.cpu_per_worker
     results = []
-    with ray_session(num_cpus=need):
+    with ray_session(base.ray_address, num_cpus=need):
         for number, changes in enumerate(overrides, start=1):
             label = ", ".join(f"{k}={v}" for k, v in changes.items()) or "base configuration"
             print(f"=== sweep {sweep_id}: configuration {number}/{len(overrides)}: {label}", flush=True)

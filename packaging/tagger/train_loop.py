@@ -2,18 +2,26 @@
 
 `train_loop_per_worker` is what the TorchTrainer runs; `run_training` is the same loop without
 Ray (tests call it directly). Each epoch: train on bucketed batches, evaluate on the validation
-rows, print one line, log the epoch's metrics to the MLflow run (rank 0) and report to Ray,
-with a checkpoint whenever `val_loss` improves.
+rows, print one line, log the epoch's metrics to the MLflow run (rank 0) and report to Ray with a
+checkpoint. The checkpoint is the packaged layout (`model.safetensors`, `args.json`, label map)
+plus `training_state.pt` (optimizer, scheduler, epoch, history; tensors and plain values, read
+with `weights_only=True`), so that after a worker failure Ray Train restarts the loop from the
+last reported checkpoint and it goes on where it stopped. An epoch already logged to the MLflow
+run (before the failure) is not logged again.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import random
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +29,15 @@ import torch
 from torch import nn
 
 from mlflow_model.batching import batched_logits, pad_batch
-from mlflow_model.checkpoint import write_checkpoint
+from mlflow_model.checkpoint import read_state_dict, write_checkpoint
 from mlflow_model.model import FinetunedLLM, ModelArgs
 from tagger.metrics import scores
 
 Report = Callable[[dict[str, float], "str | None"], None]  # (metrics, checkpoint folder or None)
 EVAL_BATCH_SIZE = 64
+TRAINING_STATE_FILE = "training_state.pt"  # in Ray's checkpoints only: what resuming needs, never packaged
+FAULT_KEY = "fail_once"  # loop config, tests only: {"epoch": N, "marker": path}: rank 0 exits once at epoch N
+FAULT_DELAY_S = 5.0  # before that exit: Ray Train's controller collects reports every 2 s, as in a real-length epoch
 
 
 @dataclass
@@ -41,20 +52,33 @@ class Trainee:
     per_step: bool  # the scheduler steps per batch (else per epoch, on val_loss)
 
 
+@dataclass
+class Progress:
+    """Where the epochs loop stands: the next epoch, the metrics of the epochs done, the best of them."""
+
+    start_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker function: the epochs loop with Ray's context, DDP and reporting."""
     import ray.train
     import ray.train.torch
 
+    logging.getLogger().setLevel(loop_config.get("log_level", "INFO"))  # Ray Train's per-report lines go to root
     context = ray.train.get_context()
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    return run_training(
-        loop_config, context.get_world_rank(), context.get_world_size(), report, ray.train.torch.prepare_model
-    )
+    last = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
+    with last.as_directory() if last else contextlib.nullcontext() as resume_from:
+        return run_training(
+            loop_config, context.get_world_rank(), context.get_world_size(), report, ray.train.torch.prepare_model,
+            resume_from,
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -178,31 +202,76 @@ def print_epoch(epoch: int, num_epochs: int, metrics: dict[str, float], seconds:
 
 
 def epoch_logger(cfg: dict[str, Any]) -> Callable[[dict[str, float], int], None]:
-    """A function logging one epoch's metrics to the MLflow run at step = epoch (no-op without a run)."""
+    """A function logging one epoch's metrics to the MLflow run at step = epoch (no-op without a run).
+
+    A (metric, epoch) point the run already has, logged before a worker failure, is skipped.
+    """
     if not cfg.get("run_id"):
         return lambda metrics, epoch: None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg["tracking_uri"])
+    client, run_id = MlflowClient(cfg["tracking_uri"]), cfg["run_id"]
+    keys = client.get_run(run_id).data.metrics
+    logged = {(key, point.step) for key in keys for point in client.get_metric_history(run_id, key)}
 
     def log(metrics: dict[str, float], epoch: int) -> None:
         now = int(time.time() * 1000)
-        client.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        fresh = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if (k, epoch) not in logged]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh)
+            logged.update((m.key, epoch) for m in fresh)
 
     return log
 
 
-def report_epoch(report: Report | None, metrics: dict[str, float], trainee: Trainee, cfg: dict, save: bool) -> None:
-    """Report the epoch to Ray; with `save`, a checkpoint of the bare model goes with it."""
+def save_checkpoint(folder: str, trainee: Trainee, cfg: dict[str, Any], epoch: int, progress: Progress) -> None:
+    """The packaged layout (safetensors weights, args, label map) plus the state resuming needs."""
+    write_checkpoint(folder, trainee.bare.state_dict(), trainee.args, cfg["class_to_index"])
+    state = {
+        "epoch": epoch,
+        "history": progress.history,
+        "best_epoch": progress.best_epoch,
+        "optimizer": trainee.optimizer.state_dict(),
+        "scheduler": trainee.scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, Path(folder) / TRAINING_STATE_FILE)
+
+
+def restore(folder: str | Path, trainee: Trainee) -> Progress:
+    """Load the weights, optimizer, scheduler and RNG state of a checkpoint; returns where to go on."""
+    trainee.bare.load_state_dict(read_state_dict(Path(folder)))
+    state = torch.load(Path(folder) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(int(state["epoch"]) + 1, [dict(m) for m in state["history"]], int(state["best_epoch"]))
+
+
+def report_epoch(report: Report | None, metrics: dict[str, float], trainee: Trainee, cfg: dict, progress: Progress,
+                 rank: int) -> None:
+    """Report the epoch to Ray; rank 0 sends a checkpoint (weights + training state) with it."""
     if report is None:
         return
-    if not save:
+    if rank != 0:
         report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as folder:
-        write_checkpoint(folder, trainee.bare.state_dict(), trainee.args, cfg["class_to_index"])
+        save_checkpoint(folder, trainee, cfg, int(metrics["epoch"]), progress)
         report(metrics, folder)
+
+
+def inject_fault(cfg: dict[str, Any], epoch: int, rank: int) -> None:
+    """Tests only: with cfg[FAULT_KEY], rank 0 dies at that epoch, once (a marker file remembers it)."""
+    fault = cfg.get(FAULT_KEY)
+    if not fault or rank != 0 or epoch != int(fault["epoch"]) or os.path.exists(fault["marker"]):
+        return
+    Path(fault["marker"]).touch()
+    time.sleep(FAULT_DELAY_S)  # let the controller collect the previous epoch's report and checkpoint
+    sys.stdout.write(f"fault injection: worker exits at epoch {epoch + 1}\n")
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def run_training(
@@ -211,11 +280,13 @@ def run_training(
     world_size: int = 1,
     report: Report | None = None,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """The epochs loop of one worker; returns the history and the best epoch's metrics.
 
     `cfg` holds TrainConfig's fields plus the tokenized data from `tagger.train.prepare_data` and,
     optionally, `tracking_uri` and `run_id` (rank 0 then logs each epoch's metrics to that run).
+    `resume_from`: a checkpoint folder this loop wrote; training goes on after its epoch.
     """
     torch.set_num_threads(int(cfg["cpu_per_worker"]))  # Ray sets OMP_NUM_THREADS=1 in workers
     seed_everything(int(cfg["seed"]))
@@ -225,9 +296,12 @@ def run_training(
     trainee = make_trainee(cfg, world_size, steps_per_epoch * num_epochs, wrap_model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg.get("label_smoothing", 0.0)))
     log_epoch = epoch_logger(cfg) if rank == 0 else (lambda metrics, epoch: None)
-    history: list[dict[str, float]] = []
-    best_epoch, loop_start, loop_cpu_start = -1, time.perf_counter(), time.process_time()
-    for epoch in range(num_epochs):
+    progress = restore(resume_from, trainee) if resume_from else Progress()
+    history = progress.history
+    if resume_from and rank == 0:
+        sys.stdout.write(f"resuming after a worker failure: epochs 1-{progress.start_epoch} done, going on\n")
+    loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
+    for epoch in range(progress.start_epoch, num_epochs):
         epoch_start, lr = time.perf_counter(), trainee.optimizer.param_groups[0]["lr"]
         order, rng = shard_order(len(lengths), epoch, int(cfg["seed"]), rank, world_size)
         train_loss = train_epoch(trainee, bucketed_batches(order, lengths, batch_size, rng), cfg, loss_fn)
@@ -236,16 +310,18 @@ def run_training(
         if not trainee.per_step:
             trainee.scheduler.step(metrics["val_loss"])
         history.append(metrics)
-        improved = best_epoch < 0 or metrics["val_loss"] < history[best_epoch]["val_loss"]
-        best_epoch = epoch if improved else best_epoch
+        improved = progress.best_epoch < 0 or metrics["val_loss"] < history[progress.best_epoch]["val_loss"]
+        progress.best_epoch = epoch if improved else progress.best_epoch
         if rank == 0:
             print_epoch(epoch, num_epochs, metrics, time.perf_counter() - epoch_start, improved)
         log_epoch(metrics, epoch)
-        report_epoch(report, metrics | {"epoch": epoch}, trainee, cfg, save=improved and rank == 0)
+        inject_fault(cfg, epoch, rank)
+        report_epoch(report, metrics | {"epoch": epoch}, trainee, cfg, progress, rank)
     return {
         "history": history,
-        "best": history[best_epoch],
-        "best_epoch": best_epoch,
+        "best": history[progress.best_epoch],
+        "best_epoch": progress.best_epoch,
+        "resumed_at_epoch": progress.start_epoch if resume_from else None,
         "loop_seconds": time.perf_counter() - loop_start,
         "loop_cpu_seconds": time.process_time() - loop_cpu_start,  # all threads: ~ loop_seconds * threads
     }
