@@ -33,6 +33,7 @@ from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, Predictor
 from mlflow_model.predictor import Predictor, load_predictor
 from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts, tokenize
 from serving import NOOP_LABEL, bench_server, load_rows, request_body, save_noop_model
+from serving import targets as serving_targets
 from tagger.builds import BUILDS, onnx_artifacts
 from tagger.metrics import scores
 
@@ -307,6 +308,11 @@ def main(tracking_uri: str | None, model_uri: str, csv_path: str, holdout_csv: s
     results["load_after"] = os.getloadavg()[0]
     rows = summary_rows(results, clients)
     results["table"], results["targets"] = rows, targets(rows, results.get("served", {}))
+    for name, server in results.get("served", {}).items():  # the serving issue's targets, per build
+        if name != NOOP_LABEL:
+            server["in_process_ms"] = results["builds"][name]["single_row_ms"]
+            results["targets"] |= {f"{name}: {k}": ok for k, ok in
+                                   serving_targets(server, results["served"][NOOP_LABEL], str(clients)).items()}
     print(f"rows {len(frame)}, {results['floor']['mean_tokens']:.1f} tokens/row, "
           f"{results['floor']['flops_per_row'] / 1e6:.0f} MFLOP/row, fp32 matmul {results['floor']['matmul_gflops']:.0f} "
           f"GFLOP/s; load average {results['load_before']:.2f} -> {results['load_after']:.2f}\n")

@@ -1,5 +1,12 @@
-"""Batch inference on a real local Ray: several input files in, Parquet out, bad rows reported."""
+"""Batch inference on a real local Ray: several input files in, Parquet out, bad rows reported,
+every row written once even when an actor process is killed mid-job."""
 from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,10 +16,13 @@ import ray
 from click.testing import CliRunner
 from conftest import build_tiny_checkpoint, log_training_run
 
-from tagger.batch_predict import TaggerActor, batch_predict, input_format
+from tagger.batch_predict import (
+    STAGING_SUFFIX, SUCCESS_MARKER, TaggerActor, batch_predict, check_row_count, input_format,
+)
 from tagger.cli import cli
 from mlflow_model.config import PredictorConfig
 from tagger.config import BatchPredictConfig, PackageConfig
+from tagger.errors import ServiceError
 from mlflow_model.errors import InvalidInputError
 from mlflow_model.predictor import TorchPredictor
 from tagger.package import package_best_run
@@ -147,3 +157,104 @@ def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2)) == (0.375, 1)
     with pytest.raises(InvalidInputError, match="--concurrency 2 x --cpus-per-actor 1 needs more than the 0.75"):
         actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2, cpus_per_actor=1))
+
+
+@pytest.fixture
+def many_files(tmp_path) -> tuple[str, int]:
+    """30 CSVs of 20 rows (ids 0..599): many blocks, so a job is still busy after its first output file."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    words = ["image model", "bert text", "deploy pipeline", "video detection", "data learning"]
+    for number in range(30):
+        ids = range(number * 20, number * 20 + 20)
+        pd.DataFrame({"id": list(ids), "title": [words[i % 5] for i in ids], "description": [f"row {i}" for i in ids]}
+                     ).to_csv(folder / f"part-{number:02d}.csv", index=False)
+    return str(folder / "*.csv"), 600
+
+
+class Job(threading.Thread):
+    """batch_predict in a thread, keeping its summary or its error."""
+
+    def __init__(self, config: BatchPredictConfig):
+        super().__init__(daemon=True)
+        self.config, self.summary, self.error = config, None, None
+
+    def run(self) -> None:
+        try:
+            self.summary = batch_predict(self.config)
+        except Exception as error:  # noqa: BLE001 - the test asserts on it
+            self.error = error
+
+
+def actor_pids() -> set[int]:
+    """PIDs of the batch actors of this test's local Ray (its processes descend from this one)."""
+    import psutil
+
+    pids = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "TaggerActor" in " ".join(process.cmdline()):
+                pids.add(process.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def kill_an_actor_mid_job(job: Job, output: str, timeout: float = 180) -> tuple[int, int, set[int]]:
+    """Once the job has staged its first file, SIGKILL its actor; returns (pid, files staged then, actor pids seen after)."""
+    job.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.is_alive():
+        staged = glob.glob(f"{output}{STAGING_SUFFIX}*/*.parquet")
+        pids = actor_pids()
+        if staged and pids:
+            victim = min(pids)
+            os.kill(victim, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the job never staged a file with an actor alive (error: {job.error})")
+    later: set[int] = set()
+    while job.is_alive() and time.monotonic() < deadline:
+        later |= actor_pids()
+        time.sleep(0.1)
+    job.join(max(deadline - time.monotonic(), 1))
+    return victim, len(staged), later - {victim}
+
+
+def test_a_killed_actor_is_restarted_and_every_row_is_written_once(local_ray, champion, many_files, tmp_path):
+    pattern, rows = many_files
+    out = str(tmp_path / "out")
+    job = Job(BatchPredictConfig(input=pattern, output=out, batch_size=5))
+    victim, staged_at_kill, restarted = kill_an_actor_mid_job(job, out)
+    assert job.error is None, job.error
+    assert restarted, f"no actor replaced the killed one ({victim})"
+    written = pd.read_parquet(out)
+    assert sorted(written["id"]) == list(range(rows))  # every row, exactly once
+    assert staged_at_kill < len(glob.glob(f"{out}/*.parquet"))  # it was killed with work left
+    assert os.path.exists(f"{out}/{SUCCESS_MARKER}") and not glob.glob(f"{out}{STAGING_SUFFIX}*")
+    assert job.summary.rows == rows and written["error"].isna().all()
+
+
+def test_a_job_whose_actor_may_not_restart_fails_clearly_and_leaves_no_output(local_ray, champion, many_files, tmp_path):
+    pattern, _ = many_files
+    out = str(tmp_path / "out")
+    job = Job(BatchPredictConfig(input=pattern, output=out, batch_size=5, actor_max_restarts=0))
+    kill_an_actor_mid_job(job, out)
+    assert isinstance(job.error, ServiceError), job.error
+    assert job.error.message.startswith(f"batch job failed, nothing written to {out}: ")
+    assert "\n" not in job.error.message
+    assert not glob.glob(f"{out}/*") and not glob.glob(f"{out}{STAGING_SUFFIX}*")  # nothing that looks complete
+
+
+def test_a_staged_output_with_a_repeated_batch_is_refused(local_ray, tmp_path):
+    rows = pd.DataFrame({"id": [1, 2, 3], "title": ["a", "b", "c"], "description": ["x", "y", "z"]})
+    rows.to_csv(tmp_path / "in.csv", index=False)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    rows.to_parquet(staged / "part-0.parquet")
+    config = BatchPredictConfig(input=str(tmp_path / "in.csv"), output=str(tmp_path / "out"))
+    check_row_count(config, str(staged))  # every row once: accepted
+    rows.head(1).to_parquet(staged / "part-0-retried.parquet")  # a batch written twice
+    with pytest.raises(ServiceError, match="wrote 4 rows for 3 input rows"):
+        check_row_count(config, str(staged))

@@ -6,11 +6,19 @@ their batch. Output: the input columns + `prediction`, `probabilities` (a struct
 tag) and `error` (null when the row was predicted). The output folder must be new or empty, so
 that it holds exactly one run's rows. Without an id column, an error names its row by its
 (truncated) title and description.
+
+Exactly once: an actor whose process dies is restarted and its unfinished batches retried (Ray
+Data's actor fault tolerance, bounded by `actor_max_restarts` / `actor_max_task_retries`). The job
+writes into a staging folder beside the output (`<output>-incomplete-<id>`), checks that it holds
+as many rows as the input, then moves the files into the output and writes `_SUCCESS` there. A job
+that fails leaves the output empty and removes its staging folder.
 """
 from __future__ import annotations
 
 import math
 import os
+import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +26,19 @@ import mlflow
 import pandas as pd
 import pyarrow as pa
 
+from mlflow.exceptions import MlflowException
+
 from mlflow_model.errors import InvalidInputError
 from mlflow_model.preprocess import INPUT_COLUMNS, is_missing, prepare_texts
 from tagger.config import BatchPredictConfig
+from tagger.errors import ServiceError, one_line
 from tagger.sessions import absolute_tracking_uri, ray_session
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
 NO_PREDICTIONS = pd.DataFrame(columns=["prediction", "probabilities"])  # a batch with no valid row
+STAGING_SUFFIX = "-incomplete-"  # <output>-incomplete-<id>: where a job writes before its rows are checked
+SUCCESS_MARKER = "_SUCCESS"  # written into the output last: the output is complete
 
 
 @dataclass
@@ -197,21 +210,77 @@ def batch_predict(config: BatchPredictConfig) -> BatchSummary:
 
 
 def run_job(config: BatchPredictConfig) -> BatchSummary:
-    """Read, tag and write on the connected Ray, then summarize the output."""
-    cpus, threads = actor_resources(config)
-    dataset = read_input(config.input, config.input_format, config.io_cpus).map_batches(
-        TaggerActor,
-        fn_constructor_kwargs={
-            "model_uri": config.model_uri,
-            "tracking_uri": absolute_tracking_uri(mlflow.get_tracking_uri()),
-            "registry_uri": absolute_tracking_uri(mlflow.get_registry_uri()),
-            "num_threads": threads,
-            "id_column": config.id_column,
-        },
-        concurrency=config.concurrency,
-        batch_size=config.batch_size,
-        batch_format="pandas",
-        num_cpus=cpus,
-    )
-    dataset.write_parquet(config.output, ray_remote_args={"num_cpus": config.io_cpus})
+    """Tag into a staging folder, check every input row is there once, publish it, summarize the output."""
+    staging = f"{config.output.rstrip('/')}{STAGING_SUFFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        write_predictions(config, staging)
+        check_row_count(config, staging)
+        publish(staging, config.output)
+    except MlflowException:  # tagger's own errors (bad input, resources) are already one line
+        raise
+    except Exception as error:  # e.g. an actor that died more often than it may be restarted
+        raise ServiceError(f"batch job failed, nothing written to {config.output}: {one_line(error)}") from error
+    finally:
+        remove_folder(staging)
     return summarize(config.output, config)
+
+
+def write_predictions(config: BatchPredictConfig, folder: str) -> None:
+    """Read, tag (actors restarted and batches retried after a crash) and write Parquet into folder."""
+    cpus, threads = actor_resources(config)
+    # Ray 2.60 takes these only as **ray_remote_args of map_batches (deprecated, no named parameter yet).
+    retries = {"max_restarts": config.actor_max_restarts}
+    if config.actor_max_restarts != 0:  # an actor that is not restarted has no batches to retry
+        retries["max_task_retries"] = config.actor_max_task_retries
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        dataset = read_input(config.input, config.input_format, config.io_cpus).map_batches(
+            TaggerActor,
+            fn_constructor_kwargs={
+                "model_uri": config.model_uri,
+                "tracking_uri": absolute_tracking_uri(mlflow.get_tracking_uri()),
+                "registry_uri": absolute_tracking_uri(mlflow.get_registry_uri()),
+                "num_threads": threads,
+                "id_column": config.id_column,
+            },
+            concurrency=config.concurrency,
+            batch_size=config.batch_size,
+            batch_format="pandas",
+            num_cpus=cpus,
+            **retries,
+        )
+    dataset.write_parquet(folder, ray_remote_args={"num_cpus": config.io_cpus})
+
+
+def check_row_count(config: BatchPredictConfig, folder: str) -> None:
+    """Refuse a staged output whose row count differs from the input's (a lost or duplicated batch)."""
+    import ray.data
+
+    expected = read_input(config.input, config.input_format, config.io_cpus).count()
+    written = ray.data.read_parquet(folder).count() if expected else 0
+    if written != expected:
+        raise ServiceError(
+            f"the job wrote {written} rows for {expected} input rows (a lost or repeated batch); "
+            f"nothing written to {config.output}"
+        )
+
+
+def publish(staging: str, output: str) -> None:
+    """Move the staged files into the output folder, then mark it complete with _SUCCESS."""
+    import fsspec
+
+    filesystem, folder = fsspec.core.url_to_fs(staging)
+    _, target = fsspec.core.url_to_fs(output)
+    filesystem.makedirs(target, exist_ok=True)
+    for path in filesystem.find(folder):
+        filesystem.mv(path, f"{target.rstrip('/')}/{os.path.relpath(path, folder)}")
+    filesystem.pipe_file(f"{target.rstrip('/')}/{SUCCESS_MARKER}", b"")
+
+
+def remove_folder(path: str) -> None:
+    """Delete a folder and its files if it exists (a staging folder after the job)."""
+    import fsspec
+
+    filesystem, folder = fsspec.core.url_to_fs(path)
+    if filesystem.exists(folder):
+        filesystem.rm(folder, recursive=True)

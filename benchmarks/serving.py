@@ -1,0 +1,361 @@
+"""Serving load benchmark: `mlflow models serve` of a model vs a do-nothing pyfunc, same machine, same run.
+
+    .venv/bin/python benchmarks/serving.py --tracking-uri sqlite:////tmp/tagger-bench/mlflow.db \
+        --model-uri models:/tagger@champion --csv /work/shared/datasets/holdout.csv \
+        --seconds 15 --out outputs/serving.json
+
+For the do-nothing pyfunc (benchmarks/noop_model.py, saved to a temporary folder) and each
+--model-uri (repeatable), one server at a time: ready time (launch to the first /ping 200), RSS of
+the uvicorn worker and of the `mlflow` CLI process beside it, then 1 client and --clients
+concurrent clients sending single-row `dataframe_records` requests for --seconds (at most
+--max-requests each): rows/s, p50/p99 ms, errors, and mismatches against the answer the same
+server gave for that row alone, sent sequentially before the load. Prints a markdown table with
+ratios to the do-nothing server and the issue's targets, and writes JSON.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import numpy as np
+import pandas as pd
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+NOOP_LABEL = "do-nothing"
+TAGS = ("natural-language-processing", "computer-vision", "mlops", "other")  # the noop's answer shape
+TOLERANCE = 1e-3  # probabilities may differ this much from the single-request answer
+
+
+# ---------- rows and answers ----------
+
+def load_rows(csv: str) -> list[dict[str, Any]]:
+    """The distinct title/description rows of the CSV, as JSON-ready records (null for NaN)."""
+    frame = pd.read_csv(csv, usecols=["title", "description"]).drop_duplicates()
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict(orient="records")
+
+
+def request_body(row: dict[str, Any]) -> bytes:
+    """The JSON of a single-row request."""
+    return json.dumps({"dataframe_records": [row]}).encode()
+
+
+def answer_of(payload: bytes) -> dict[str, Any]:
+    """The one prediction of a response body."""
+    predictions = json.loads(payload)["predictions"]
+    if len(predictions) != 1:
+        raise ValueError(f"expected 1 prediction, got {len(predictions)}")
+    return predictions[0]
+
+
+def same_answer(answer: dict[str, Any], reference: dict[str, Any]) -> bool:
+    """Same tag and probabilities within TOLERANCE of the reference answer."""
+    if answer.get("prediction") != reference.get("prediction"):
+        return False
+    mine, theirs = answer.get("probabilities") or {}, reference.get("probabilities") or {}
+    return mine.keys() == theirs.keys() and all(abs(mine[k] - theirs[k]) <= TOLERANCE for k in mine)
+
+
+# ---------- one server ----------
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(model_uri: str, tracking_uri: str, log_file: Path) -> Iterator[dict[str, Any]]:
+    """Run `mlflow models serve` in its own process group; stop the group on exit, even on error."""
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    # The CLI runs `uvicorn` from PATH: put this interpreter's bin folder first (venv not activated).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": os.pathsep.join([str(mlflow_cli.parent), os.environ.get("PATH", "")])}
+    with open(log_file, "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield {"process": process, "port": port, "started": started, "log": str(log_file)}
+        finally:
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever is left after 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_s)
+            os.killpg(process.pid, 0)  # raises once every process of the group is gone
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+
+
+def wait_ready(server: dict[str, Any], timeout_s: float) -> float:
+    """Seconds from launch to the first /ping 200 (RuntimeError if the server dies or times out)."""
+    url = f"http://127.0.0.1:{server['port']}/ping"
+    while time.perf_counter() - server["started"] < timeout_s:
+        if server["process"].poll() is not None:
+            raise RuntimeError(f"server exited with {server['process'].returncode}; see {server['log']}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return time.perf_counter() - server["started"]
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"no /ping 200 within {timeout_s:g} s; see {server['log']}")
+
+
+def rss_mb(process: subprocess.Popen) -> dict[str, float]:
+    """RSS of the mlflow CLI process and of its worker processes (its descendants), in MB."""
+    parent = psutil.Process(process.pid)
+    workers = parent.children(recursive=True)
+    return {
+        "cli_rss_mb": round(parent.memory_info().rss / 1e6, 1),
+        "worker_rss_mb": round(sum(w.memory_info().rss for w in workers) / 1e6, 1),
+        "workers": len(workers),
+    }
+
+
+# ---------- load ----------
+
+class Client:
+    """One keep-alive HTTP connection to /invocations."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def send(self, body: bytes) -> tuple[int, bytes]:
+        """POST one request body; (status, response body). Reconnects once after a dropped connection."""
+        for attempt in (0, 1):
+            try:
+                self.connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except (http.client.HTTPException, ConnectionError):
+                self.connection.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def references(port: int, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """Each row's answer when sent alone, sequentially (RuntimeError on a failed request)."""
+    client, answers = Client(port), []
+    for body in bodies:
+        status, payload = client.send(body)
+        if status != 200:
+            raise RuntimeError(f"reference request failed with HTTP {status}: {payload[:300]!r}")
+        answers.append(answer_of(payload))
+    return answers
+
+
+def client_loop(port: int, bodies: list[bytes], refs: list[dict], start: int, stop: dict, out: dict) -> None:
+    """Send rows from `start` on, round-robin, until the deadline or the request budget is spent."""
+    client, index = Client(port), start
+    while time.perf_counter() < stop["deadline"] and next(stop["budget"]) < stop["max_requests"]:
+        row = index % len(bodies)
+        index += 1
+        began = time.perf_counter()
+        try:
+            status, payload = client.send(bodies[row])
+        except (OSError, http.client.HTTPException):
+            out["errors"] += 1
+            continue
+        if status != 200:
+            out["errors"] += 1
+        elif not same_answer(answer_of(payload), refs[row]):
+            out["mismatches"] += 1
+        else:
+            out["latencies"].append(time.perf_counter() - began)
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds used so far by these processes."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def run_load(port: int, bodies: list[bytes], refs: list[dict], clients: int, seconds: float, max_requests: int,
+             workers: list[psutil.Process]) -> dict:
+    """`clients` threads for `seconds` (at most max_requests requests in all): rows/s, p50/p99, errors, CPU."""
+    import itertools
+
+    stop = {"deadline": time.perf_counter() + seconds, "budget": itertools.count(), "max_requests": max_requests}
+    outs = [{"latencies": [], "errors": 0, "mismatches": 0} for _ in range(clients)]
+    offsets = [i * len(bodies) // clients for i in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(port, bodies, refs, offsets[i], stop, outs[i]), daemon=True)
+               for i in range(clients)]
+    began, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(workers), time.process_time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 180)
+    elapsed = time.perf_counter() - began
+    server_cpu, client_cpu = cpu_seconds(workers) - server_cpu, time.process_time() - client_cpu
+    latencies = np.array([x for out in outs for x in out["latencies"]]) * 1000
+    errors, mismatches = sum(o["errors"] for o in outs), sum(o["mismatches"] for o in outs)
+    return {
+        "clients": clients,
+        "requests": len(latencies) + errors + mismatches,
+        "rows_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2) if len(latencies) else math.nan,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 2) if len(latencies) else math.nan,
+        "errors": errors,
+        "mismatches": mismatches,
+        "server_cores": round(server_cpu / elapsed, 2),  # worker CPU seconds per second
+        "server_cpu_ms_per_row": round(1000 * server_cpu / max(len(latencies), 1), 2),
+        "client_cpu_ms_per_row": round(1000 * client_cpu / max(len(latencies), 1), 2),
+    }
+
+
+# ---------- one model, end to end ----------
+
+def in_process_single_row_ms(model_uri: str, rows: list[dict[str, Any]], count: int = 50) -> float:
+    """Median time of `pyfunc.load_model(uri).predict` on one row, in this process."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    frames = [pd.DataFrame([row]) for row in rows[:count]]
+    model.predict(frames[0])
+    times = []
+    for frame in frames:
+        began = time.perf_counter()
+        model.predict(frame)
+        times.append(time.perf_counter() - began)
+    return round(float(np.median(times)) * 1000, 2)
+
+
+def bench_server(label: str, model_uri: str, options: dict, bodies: list[bytes], workdir: Path) -> dict:
+    """Serve one model and measure it: ready time, RSS, then 1 and N concurrent clients."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = workdir / f"server-{len(list(workdir.glob('server-*')))}.log"
+    with served(model_uri, options["tracking_uri"], log_file) as server:
+        result = {"label": label, "model_uri": model_uri, "log": str(log_file)}
+        result["ready_s"] = round(wait_ready(server, options["ready_timeout"]), 2)
+        result.update(rss_mb(server["process"]))
+        refs = references(server["port"], bodies)
+        workers = psutil.Process(server["process"].pid).children(recursive=True)
+        result["load"] = {
+            str(n): run_load(server["port"], bodies, refs, n, options["seconds"], options["max_requests"], workers)
+            for n in (1, options["clients"])
+        }
+        result["after_load"] = rss_mb(server["process"])
+        print(f"  {label}: {json.dumps({k: v for k, v in result.items() if k != 'log'})}", flush=True)
+        return result
+
+
+def save_noop_model(folder: Path) -> str:
+    """The do-nothing pyfunc, saved (models from code) to folder; its path as a model URI."""
+    import mlflow
+
+    example = pd.DataFrame({"title": ["a title"], "description": ["a description"]})
+    mlflow.pyfunc.save_model(
+        path=str(folder), python_model=str(ROOT / "benchmarks" / "noop_model.py"),
+        input_example=example, model_config={"tags": list(TAGS)},
+    )
+    return str(folder)
+
+
+# ---------- report ----------
+
+def targets(model: dict, noop: dict, clients: str) -> dict[str, bool]:
+    """The issue's targets for one model against the do-nothing server of the same run."""
+    many, one, base_many, base_one = model["load"][clients], model["load"]["1"], noop["load"][clients], noop["load"]["1"]
+    checks = {
+        f"{clients}_clients_rows_per_s_vs_noop>=0.45": many["rows_per_s"] >= 0.45 * base_many["rows_per_s"],
+        "no_errors": many["errors"] + one["errors"] == 0,
+        "no_mismatches": many["mismatches"] + one["mismatches"] == 0,
+        f"{clients}_clients_p99<=4x_p50": many["p99_ms"] <= 4 * many["p50_ms"],
+    }
+    if model.get("in_process_ms") is not None:
+        checks["1_client_p50<=noop_p50+1.2x_in_process"] = one["p50_ms"] <= base_one["p50_ms"] + 1.2 * model["in_process_ms"]
+    return checks
+
+
+def markdown(results: list[dict], clients: str) -> str:
+    """The table: each server's load figures, with ratios to the do-nothing server."""
+    noop = results[0]
+    lines = [
+        "| server | clients | rows/s | x noop rows/s | p50 ms | p50 - noop ms | p99 ms | errors | mismatches "
+        "| server cores | server CPU ms/row |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for n in ("1", clients):
+            load, base = result["load"][n], noop["load"][n]
+            lines.append(
+                f"| {result['label']} | {n} | {load['rows_per_s']:.1f} | {load['rows_per_s'] / base['rows_per_s']:.2f} | "
+                f"{load['p50_ms']:.1f} | {load['p50_ms'] - base['p50_ms']:+.1f} | {load['p99_ms']:.1f} | "
+                f"{load['errors']} | {load['mismatches']} | {load['server_cores']} | {load['server_cpu_ms_per_row']} |"
+            )
+    lines += ["", "| server | ready s | worker RSS MB | CLI RSS MB | worker RSS after load MB | in-process 1 row ms |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['label']} | {r['ready_s']} | {r['worker_rss_mb']} | {r['cli_rss_mb']} | "
+                     f"{r['after_load']['worker_rss_mb']} | {r.get('in_process_ms', '-')} |")
+    for r in results[1:]:
+        lines.append("")
+        lines.append(f"targets for {r['label']}: " + ", ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in r["targets"].items()))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--tracking-uri", required=True, help="MLflow tracking/registry URI the models:/ URIs resolve against.")
+@click.option("--model-uri", "model_uris", multiple=True, required=True, help="Model to serve (repeatable).")
+@click.option("--csv", required=True, help="CSV with title and description columns: the request rows.")
+@click.option("--seconds", default=15.0, show_default=True, help="Length of each load phase.")
+@click.option("--clients", default=32, show_default=True, help="Concurrent clients of the second phase.")
+@click.option("--max-requests", default=20000, show_default=True, help="Request budget of each phase.")
+@click.option("--ready-timeout", default=180.0, show_default=True, help="Give up waiting for /ping after this long.")
+@click.option("--in-process/--no-in-process", default=True, show_default=True,
+              help="Also time pyfunc predict of one row in this process (the 1-client target needs it).")
+@click.option("--out", default="outputs/serving.json", show_default=True, help="JSON results file.")
+def main(tracking_uri: str, model_uris: tuple[str, ...], csv: str, seconds: float, clients: int,
+         max_requests: int, ready_timeout: float, in_process: bool, out: str) -> None:
+    """Benchmark `mlflow models serve` of each model against a do-nothing pyfunc."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    rows = load_rows(csv)
+    bodies = [request_body(row) for row in rows]
+    options = {"tracking_uri": tracking_uri, "seconds": seconds, "clients": clients,
+               "max_requests": max_requests, "ready_timeout": ready_timeout}
+    load_before = os.getloadavg()
+    logs = Path(out).parent / "serving-logs"  # server logs are kept: read them when a server fails
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+        results = [bench_server(NOOP_LABEL, save_noop_model(Path(tmp) / "noop"), options, bodies, logs)]
+        for uri in model_uris:
+            timing = in_process_single_row_ms(uri, rows) if in_process else None
+            results.append({**bench_server(uri, uri, options, bodies, logs), "in_process_ms": timing})
+    for result in results[1:]:
+        result["targets"] = targets(result, results[0], str(clients))
+    print(markdown(results, str(clients)))
+    report = {"rows": len(rows), "cpus": psutil.cpu_count(), "loadavg_before": load_before,
+              "loadavg_after": os.getloadavg(), "options": options, "servers": results}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
