@@ -86,7 +86,7 @@ def _effective_precision(precision: str) -> str:
 
 
 class TorchEngine:
-    """FinetunedLLM in eval mode, run with torch in fp32, bf16 or dynamic int8."""
+    """FinetunedLLM in eval mode, run with torch in fp32, bf16 or dynamic int8 (bf16 converts the model in place)."""
 
     def __init__(self, model: FinetunedLLM, precision: str = "fp32") -> None:
         import torch

@@ -92,6 +92,9 @@ class InferenceThread:
         self._thread = threading.Thread(target=self._run, args=(warmup,), name=name, daemon=True)
         self._thread.start()
         if not self._started.wait(timeout_s):
+            with self._lock:  # the thread stops once warmup returns
+                self._closed = True
+                self._queue.put(_STOP)
             raise InferenceError(f"inference thread warmup did not finish within {timeout_s:g} s")
         if self._warmup_error is not None:
             raise InferenceError(f"inference warmup failed: {self._warmup_error}")

@@ -221,3 +221,8 @@ def test_tiny_torch_model_on_the_inference_thread(tiny_checkpoint, tiny_encoder,
         c.join(30)
     assert threads_seen == [1]
     np.testing.assert_allclose(np.vstack([answers[i] for i in range(len(token_ids))]), expected, atol=1e-5, rtol=0)
+
+
+def test_a_slow_warmup_fails_the_load_after_timeout():
+    with pytest.raises(InferenceError, match="warmup did not finish within 0.1 s"):
+        InferenceThread(lambda ids, size: fake_probabilities(ids), timeout_s=0.1, warmup=lambda: time.sleep(0.5))
