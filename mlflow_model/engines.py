@@ -112,13 +112,15 @@ class TorchEngine:
 class OnnxEngine:
     """An ONNX Runtime session (CPU, graph optimizations on) over an exported FinetunedLLM."""
 
-    def __init__(self, model_path: str | Path, num_threads: int | None = None) -> None:
+    def __init__(self, model_path: str | Path, num_threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or usable_cores()
         options.inter_op_num_threads = 1
+        # Idle pool threads spin by default: on a few shared cores they steal CPU from the server's threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.model_path = str(model_path)
         try:
             self.session = ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])

@@ -79,10 +79,12 @@ class InferenceThread:
         timeout_s: float = 30.0,
         warmup: Callable[[], None] | None = None,
         name: str = "tagger-inference",
+        micro_batch_rows: int | None = None,
     ) -> None:
-        if max_batch_rows < 1 or max_wait_ms < 0 or timeout_s <= 0:
-            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0 and timeout_s > 0")
+        if max_batch_rows < 1 or max_wait_ms < 0 or timeout_s <= 0 or (micro_batch_rows or 1) < 1:
+            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0, timeout_s > 0 and micro_batch_rows >= 1")
         self.forward, self.max_batch_rows = forward, max_batch_rows
+        self.micro_batch_rows = micro_batch_rows  # cap on forward's batch_size (None: the requests' own)
         self.max_wait_s, self.timeout_s = max_wait_ms / 1000.0, timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders submit's puts against close's sentinel
@@ -173,7 +175,8 @@ class InferenceThread:
             return
         token_ids = [ids for chunk in batch for ids in chunk.rows]
         try:
-            probabilities = self.forward(token_ids, min(chunk.request.batch_size for chunk in batch))
+            batch_size = min(chunk.request.batch_size for chunk in batch)
+            probabilities = self.forward(token_ids, min(batch_size, self.micro_batch_rows or batch_size))
             if len(probabilities) != len(token_ids):
                 raise ValueError(f"forward returned {len(probabilities)} rows for {len(token_ids)}")
         except Exception as error:  # noqa: BLE001 - fails this batch only; the thread keeps serving

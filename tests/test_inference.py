@@ -117,6 +117,13 @@ def test_waiting_requests_are_gathered_into_one_forward(forward, make_thread):
         np.testing.assert_array_equal(results[i], fake_probabilities(rows))
 
 
+def test_micro_batch_rows_caps_the_batch_size_forward_gets(forward, make_thread):
+    inference = make_thread(forward, max_wait_ms=0, micro_batch_rows=8)
+    inference.submit([[1], [2]], batch_size=64)
+    inference.submit([[3]], batch_size=4)
+    assert [size for _, size, _ in forward.calls] == [8, 4]
+
+
 def test_a_request_larger_than_max_batch_rows_is_split_and_reassembled(forward, make_thread):
     inference = make_thread(forward, max_batch_rows=4, max_wait_ms=1)
     rows = request_rows(7, count=10)
