@@ -3,7 +3,8 @@
 Server threads call `submit`; the thread gathers the rows of all waiting requests (up to
 `max_batch_rows`, waiting at most `max_wait_ms` after the first) into one `forward` call, like
 Ray Serve's @serve.batch or Triton's dynamic batcher. One thread, so one OpenMP team: the
-cores are not oversubscribed by many concurrent single-row passes.
+cores are not oversubscribed by many concurrent single-row passes. The thread waits for more
+rows only while requests overlap (its last batch served several): a lone client is never delayed.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ class InferenceThread:
         self._closed = False
         self._started = threading.Event()
         self._warmup_error: str | None = None
+        self._overlapping = False  # the last batch served several requests: worth waiting for more
         self._thread = threading.Thread(target=self._run, args=(warmup,), name=name, daemon=True)
         self._thread.start()
         if not self._started.wait(timeout_s):
@@ -155,7 +157,7 @@ class InferenceThread:
     def _gather(self, first: _Chunk) -> tuple[list[_Chunk], object | None]:
         """The chunks of one batch, starting with `first`, and the item that did not fit (or None)."""
         batch, rows = [first], first.stop - first.start
-        deadline = time.monotonic() + self.max_wait_s
+        deadline = time.monotonic() + (self.max_wait_s if self._overlapping else 0.0)
         while rows < self.max_batch_rows:
             remaining = deadline - time.monotonic()
             try:  # after the deadline, still take what is already queued
@@ -173,6 +175,7 @@ class InferenceThread:
         batch = [chunk for chunk in batch if chunk.request.error is None]
         if not batch:
             return
+        self._overlapping = len({id(chunk.request) for chunk in batch}) > 1
         token_ids = [ids for chunk in batch for ids in chunk.rows]
         try:
             batch_size = min(chunk.request.batch_size for chunk in batch)

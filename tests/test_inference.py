@@ -153,12 +153,38 @@ def test_a_forward_with_the_wrong_row_count_is_an_error(make_thread):
         inference.submit([[1], [2]], batch_size=8)
 
 
+def overlap_two_requests(inference: InferenceThread, forward: FakeForward) -> None:
+    """Make the thread's last batch one that served two requests."""
+    forward.release.clear()
+    first = threading.Thread(target=inference.submit, args=([[1]], 8))
+    first.start()
+    wait_until(lambda: len(forward.calls) >= 1)
+    calls = len(forward.calls)
+    second = threading.Thread(target=inference.submit, args=([[2]], 8))
+    third = threading.Thread(target=inference.submit, args=([[3]], 8))
+    second.start(), third.start()
+    wait_until(lambda: inference._queue.qsize() == 2)
+    forward.release.set()
+    for t in (first, second, third):
+        t.join(10)
+    assert forward.calls[calls][0] == 2  # the two queued requests shared one forward
+
+
 def test_a_lone_request_waits_at_most_max_wait(forward, make_thread):
-    inference = make_thread(forward, max_batch_rows=64, max_wait_ms=50)
-    inference.submit([[1]], batch_size=8)  # first call out of the way
+    inference = make_thread(forward, max_batch_rows=64, max_wait_ms=150)
+    overlap_two_requests(inference, forward)  # now the thread waits for more rows
     started = time.perf_counter()
     inference.submit([[1, 2, 3]], batch_size=8)
-    assert time.perf_counter() - started < 0.05 + 0.2
+    elapsed = time.perf_counter() - started
+    assert 0.12 < elapsed < 0.15 + 0.2
+
+
+def test_a_lone_client_is_not_delayed_by_max_wait(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=64, max_wait_ms=300)
+    started = time.perf_counter()
+    for i in range(5):
+        inference.submit([[i, 1]], batch_size=8)
+    assert time.perf_counter() - started < 0.3  # five sequential requests, none waited 300 ms
 
 
 def test_a_hanging_forward_times_out(forward, make_thread):
