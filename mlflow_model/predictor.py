@@ -20,7 +20,7 @@ from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig
 from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, usable_cores
 from mlflow_model.errors import CheckpointError, InvalidInputError
 from mlflow_model.inference import InferenceThread
-from mlflow_model.preprocess import load_tokenizer, prepare_texts, tokenize
+from mlflow_model.preprocess import checked_texts, load_tokenizer, prepare_texts, tokenize
 
 
 def index_to_class(checkpoint_dir: str | Path) -> list[str]:
@@ -97,6 +97,27 @@ class Predictor:
         """`prediction` and `probabilities` for each row of a title/description frame."""
         limit = self._checked_threshold(threshold)
         return self.postprocess(self.predict_proba(frame, batch_size), limit)
+
+    def predict_valid(
+        self, frame: pd.DataFrame, threshold: float | None = None, batch_size: int | None = None
+    ) -> tuple[pd.DataFrame, list[str | None]]:
+        """Predict the valid rows and say why each other row was refused: in a batch job a bad row fails alone.
+
+        Each row is validated and cleaned once. The predictions have one row per input row (nulls
+        where refused); the problems are None where the row was predicted.
+        """
+        limit, size = self._checked_threshold(threshold), self._checked_batch_size(batch_size)
+        texts, problems = checked_texts(frame)
+        valid = [position for position, problem in enumerate(problems) if problem is None]
+        tags: list[str | None] = [None] * len(problems)
+        per_tag: list[dict[str, float] | None] = [None] * len(problems)
+        if valid:
+            probabilities = self.forward(tokenize(self.tokenizer, [texts[i] for i in valid]), size)
+            predicted = self.postprocess(probabilities, limit)
+            for position, tag, row in zip(valid, predicted["prediction"], predicted["probabilities"]):
+                tags[position], per_tag[position] = tag, row
+        columns = {"prediction": tags, "probabilities": per_tag}  # object columns: refused rows stay None
+        return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()}), problems
 
     def run_batch(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         """Probabilities of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""

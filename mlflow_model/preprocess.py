@@ -51,28 +51,21 @@ def is_missing(value: Any) -> bool:
     return value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and bool(pd.isna(value)))
 
 
-def _checked_strings(frame: pd.DataFrame, column: str, nullable: bool) -> list[str]:
-    """The column's values as strings; a typed error names the first bad row."""
-    values = []
-    for position, value in enumerate(frame[column].tolist()):
-        if is_missing(value):
-            if not nullable:
-                raise InvalidInputError(f"row {position}: column '{column}' is null; it must be a string")
-            value = ""
-        elif not isinstance(value, str):
-            raise InvalidInputError(
-                f"row {position}: column '{column}' must be a string, got {type(value).__name__} {value!r}"
-            )
-        values.append(value)
-    return values
+def row_problem(title: Any, description: Any) -> str | None:
+    """Why one row cannot be predicted, or None: a null description reads as empty."""
+    if is_missing(title):
+        return "column 'title' is null; it must be a string"
+    if not isinstance(title, str):
+        return f"column 'title' must be a string, got {type(title).__name__} {title!r}"
+    if not is_missing(description) and not isinstance(description, str):
+        return f"column 'description' must be a string, got {type(description).__name__} {description!r}"
+    if not title.strip() and (is_missing(description) or not description.strip()):
+        return "'title' and 'description' are both empty"
+    return None
 
 
-def prepare_texts(frame: pd.DataFrame) -> list[str]:
-    """Validate `title`/`description` rows and return one cleaned text per row, in order.
-
-    A null description is read as empty; a null or non-string title, a non-string description,
-    or a row whose title and description are both empty raises InvalidInputError.
-    """
+def check_table(frame: Any) -> None:
+    """Refuse what is not a non-empty table with the input columns (a problem of the whole input)."""
     if not isinstance(frame, pd.DataFrame):
         raise InvalidInputError(
             f"input must be a table with columns {list(INPUT_COLUMNS)}, got {type(frame).__name__}"
@@ -82,13 +75,34 @@ def prepare_texts(frame: pd.DataFrame) -> list[str]:
         raise InvalidInputError(f"missing column(s) {missing}; the input needs {list(INPUT_COLUMNS)}")
     if frame.empty:
         raise InvalidInputError("input has no rows")
-    titles = _checked_strings(frame, "title", nullable=False)
-    descriptions = _checked_strings(frame, "description", nullable=True)
-    texts = []
-    for position, (title, description) in enumerate(zip(titles, descriptions)):
-        if not title.strip() and not description.strip():
-            raise InvalidInputError(f"row {position}: 'title' and 'description' are both empty")
-        texts.append(clean_text(f"{title} {description}"))
+
+
+def checked_texts(frame: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
+    """One pass over the rows: the cleaned text of each valid row, the problem of each other (None where fine).
+
+    Batch jobs use it to predict the valid rows and report the others; `prepare_texts` refuses the
+    whole input at its first problem.
+    """
+    check_table(frame)
+    texts: list[str | None] = []
+    problems: list[str | None] = []
+    for title, description in zip(frame["title"].tolist(), frame["description"].tolist()):
+        problem = row_problem(title, description)
+        problems.append(problem)
+        texts.append(None if problem else clean_text(f"{title} {'' if is_missing(description) else description}"))
+    return texts, problems
+
+
+def prepare_texts(frame: pd.DataFrame) -> list[str]:
+    """Validate `title`/`description` rows and return one cleaned text per row, in order.
+
+    A null description is read as empty; a null or non-string title, a non-string description,
+    or a row whose title and description are both empty raises InvalidInputError naming the row.
+    """
+    texts, problems = checked_texts(frame)
+    for position, problem in enumerate(problems):
+        if problem:
+            raise InvalidInputError(f"row {position}: {problem}")
     return texts
 
 

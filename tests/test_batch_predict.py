@@ -153,8 +153,10 @@ def test_cli_rejects_a_fractional_concurrency(input_files, tmp_path):
 def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
     from tagger.batch_predict import actor_resources
 
-    assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=1)) == (0.75, 2)
-    assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2)) == (0.375, 1)
+    assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=1)) == (1, 0.75, 2)
+    assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2)) == (2, 0.375, 1)
+    assert actor_resources(BatchPredictConfig(input="x.csv", output="o")) == (2, 0.375, 1)  # one per core
+    assert actor_resources(BatchPredictConfig(input="x.csv", output="o", cpus_per_actor=0.5)) == (1, 0.5, 1)
     with pytest.raises(InvalidInputError, match="--concurrency 2 x --cpus-per-actor 1 needs more than the 0.75"):
         actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2, cpus_per_actor=1))
 
@@ -170,6 +172,56 @@ def many_files(tmp_path) -> tuple[str, int]:
         pd.DataFrame({"id": list(ids), "title": [words[i % 5] for i in ids], "description": [f"row {i}" for i in ids]}
                      ).to_csv(folder / f"part-{number:02d}.csv", index=False)
     return str(folder / "*.csv"), 600
+
+
+@pytest.fixture
+def mixed_files(tmp_path) -> tuple[str, pd.DataFrame]:
+    """12 CSVs of 25 rows (ids 0..299, file k holds ids 25k..25k+24) with a row of no title every 29th."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    words = ["image model", "bert text", "deploy pipeline", "video detection", "data learning", "graph network"]
+    ids = np.arange(300)
+    rows = pd.DataFrame({"id": ids, "title": [None if i % 29 == 5 else f"{words[i % 6]} {i}" for i in ids],
+                         "description": [" ".join(words[(i * 7 + k) % 6] for k in range(i % 9)) for i in ids]})
+    for number in range(12):
+        rows.iloc[number * 25 : number * 25 + 25].to_csv(folder / f"part-{number:02d}.csv", index=False)
+    return str(folder / "*.csv"), rows
+
+
+def test_many_files_and_blocks_give_every_row_once_bad_rows_once_and_the_in_process_predictions(
+    local_ray, champion, mixed_files, tmp_path
+):
+    pattern, rows = mixed_files
+    out = tmp_path / "out"
+    summary = batch_predict(BatchPredictConfig(input=pattern, output=str(out), batch_size=16, max_reported_errors=50))
+    written = pd.read_parquet(out)
+    assert sorted(written["id"]) == rows["id"].tolist()  # every row of every file, exactly once
+    bad = set(rows.loc[rows["title"].isna(), "id"])
+    assert set(written.loc[written["error"].notna(), "id"]) == bad
+    assert summary.bad_rows == len(bad) == len(set(summary.errors)) == len(summary.errors)  # each reported once
+    assert sorted(summary.errors) == sorted(f"row {i}: column 'title' is null; it must be a string" for i in bad)
+    by_id = written.set_index("id").loc[rows["id"]]  # each output row carries its own input columns
+    assert by_id["title"].fillna("").tolist() == rows["title"].fillna("").tolist()
+    assert by_id["description"].fillna("").tolist() == rows["description"].tolist()
+    for path in glob.glob(str(out / "*.parquet")):  # a file's rows from one input file keep their input order
+        ids = pd.read_parquet(path)["id"]
+        for _, from_one_file in ids.groupby(ids // 25):
+            assert from_one_file.is_monotonic_increasing
+    good = rows[rows["title"].notna()]
+    import mlflow
+
+    expected = mlflow.pyfunc.load_model(champion).predict(good[["title", "description"]])
+    batch = by_id.loc[good["id"]]
+    assert batch["prediction"].tolist() == expected["prediction"].tolist()  # the batch path is the in-process one
+    for got, want in zip(batch["probabilities"], expected["probabilities"]):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_input_without_a_model_column_is_refused_before_any_work(local_ray, champion, tmp_path):
+    pd.DataFrame({"id": [1], "title": ["image model"], "body": ["vision"]}).to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(InvalidInputError, match=r"has no column\(s\) \['description'\]"):
+        batch_predict(BatchPredictConfig(input=str(tmp_path / "in.csv"), output=str(tmp_path / "out")))
+    assert not glob.glob(str(tmp_path / "out*"))
 
 
 class Job(threading.Thread):

@@ -22,12 +22,14 @@ class FakeForward:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, str]] = []
+        self.lengths: list[list[int]] = []  # per call: the length of each row it got
         self.release = threading.Event()
         self.release.set()
         self.fail_next: Exception | None = None
 
     def __call__(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         self.calls.append((len(token_ids), batch_size, threading.current_thread().name))
+        self.lengths.append([len(ids) for ids in token_ids])
         self.release.wait(30)
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
@@ -129,6 +131,15 @@ def test_a_request_larger_than_max_batch_rows_is_split_and_reassembled(forward, 
     rows = request_rows(7, count=10)
     np.testing.assert_array_equal(inference.submit(rows, batch_size=64), fake_probabilities(rows))
     assert [calls for calls, _, _ in forward.calls] == [4, 4, 2]
+
+
+def test_a_large_request_is_length_sorted_as_a_whole_before_it_is_split(forward, make_thread):
+    inference = make_thread(forward, max_batch_rows=8, max_wait_ms=0)
+    rows = request_rows(11, count=40)
+    np.testing.assert_array_equal(inference.submit(rows, batch_size=64), fake_probabilities(rows))
+    assert [n for n, _, _ in forward.calls] == [8] * 5
+    seen = [length for call in forward.lengths for length in call]
+    assert seen == sorted(len(ids) for ids in rows)  # chunk after chunk, shortest rows first
 
 
 def test_empty_request_returns_no_rows(forward, make_thread):

@@ -226,8 +226,9 @@ def verify(model_uri: str | None) -> None:
 @click.option("--input", "input", required=True,
               help="CSV, Parquet or JSON-lines files: a path, a folder, a glob or a URI Ray Data reads (s3://...).")
 @click.option("--output", required=True, help="A new or empty folder (or URI) that receives the Parquet files.")
-@setting("--concurrency", BatchPredictConfig, WholeNumber(), help="Actors, each loading the model once.")
-@setting("--batch-size", BatchPredictConfig, WholeNumber(), help="Rows per call of an actor.")
+@setting("--concurrency", BatchPredictConfig, WholeNumber(),
+         help="Actors, each loading the model once (default: one per CPU core of the cluster, one thread each).")
+@setting("--batch-size", BatchPredictConfig, WholeNumber(), help="Rows per call of an actor (length-sorted together before they run).")
 @setting("--cpus-per-actor", BatchPredictConfig, click.FloatRange(min=0, min_open=True),
          help="Ray CPUs per actor (its torch threads: rounded); default: the cluster's CPUs shared out.")
 @setting("--format", BatchPredictConfig, click.Choice(["csv", "parquet", "json"]), name="input_format",
