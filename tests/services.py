@@ -155,16 +155,23 @@ def postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def moto_s3(log_dir: Path) -> Iterator[str]:
-    """A moto server standing in for S3 on 127.0.0.1; yields its endpoint URL."""
-    port = free_port()
-    process = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log_dir / "moto.log")
-    endpoint = f"http://127.0.0.1:{port}"
+def http_service(command: list[str], port: int, health: str, name: str, log: Path, timeout: float,
+                 **kwargs) -> Iterator[str]:
+    """Start a server that listens on 127.0.0.1:port, wait until its health path answers, yield its URL, stop it."""
+    process = start(command, log, **kwargs)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), "moto server", process, 60)
-        yield endpoint
+        wait_until(lambda: http_ok(f"{url}{health}"), name, process, timeout)
+        yield url
     finally:
         stop(process)
+
+
+def moto_s3(log_dir: Path) -> contextlib.AbstractContextManager[str]:
+    """A moto server standing in for S3 on 127.0.0.1; yields its endpoint URL."""
+    port = free_port()
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    return http_service(command, port, "/moto-api/", "moto server", log_dir / "moto.log", 60)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -172,21 +179,14 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     return {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, **S3_CREDENTIALS}
 
 
-@contextlib.contextmanager
-def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_dir: Path) -> Iterator[str]:
+def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_dir: Path
+                  ) -> contextlib.AbstractContextManager[str]:
     """A real `mlflow server` (tracking + registry in backend_store, proxied artifacts); yields its URL."""
     port = free_port()
-    process = start(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store, "--artifacts-destination", artifacts,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        log_dir / "mlflow-server.log", env=base_environment() | env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", process, 180)
-        yield url
-    finally:
-        stop(process)
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store, "--artifacts-destination",
+               artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return http_service(command, port, "/health", "mlflow server", log_dir / "mlflow-server.log", 180,
+                        env=base_environment() | env)
 
 
 @dataclass
@@ -230,18 +230,9 @@ def ray_head(num_cpus: int, env: dict[str, str], log_dir: Path) -> Iterator[RayC
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def model_server(model_uri: str, env: dict[str, str], log_dir: Path) -> Iterator[str]:
+def model_server(model_uri: str, env: dict[str, str], log_dir: Path) -> contextlib.AbstractContextManager[str]:
     """`mlflow models serve --env-manager local` of model_uri on 127.0.0.1; yields its URL."""
     port = free_port()
-    process = start(
-        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)],
-        log_dir / "model-server.log", env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{url}/ping"), "mlflow models serve", process, 180)
-        yield url
-    finally:
-        stop(process)
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
+               "-p", str(port)]
+    return http_service(command, port, "/ping", "mlflow models serve", log_dir / "model-server.log", 180, env=env)
