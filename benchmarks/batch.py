@@ -129,7 +129,8 @@ def run_seed_job(model_uri: str, path: str) -> None:
     from speed import seed_predictions
 
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
-    predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+    eager = {"trace": False}  # the seed ran the eager model (and Ray ships it to its workers by pickling)
+    predictor = mlflow.pyfunc.load_model(model_uri, model_config=eager).unwrap_python_model().predictor
     outputs = seed_predictions(predictor, ray.data.read_csv(path))
     print(f"seed rows: {len(outputs)}")
     ray.shutdown()

@@ -72,12 +72,18 @@ def make_builds(reference: dict[str, str], base: PredictorConfig, folder: Path, 
                     print(f"onnx {precision} not measured: {error.message}")
                     continue
             builds.append(Build(f"{engine} {precision}", artifacts, replace(base, engine=engine, precision=precision)))
+    builds.insert(1, eager(replace(builds[0], name=f"{REFERENCE} eager")))  # what the trace at load gains
     return builds
 
 
 def load(build: Build) -> Predictor:
     """The build's predictor, as the served model builds it."""
     return load_predictor(build.artifacts[CHECKPOINT_ARTIFACT], build.artifacts[ENCODER_ARTIFACT], build.config)
+
+
+def eager(build: Build) -> Build:
+    """The build with its torch model run eagerly: FLOP counting needs eager ops, and the seed ran it so."""
+    return replace(build, config=replace(build.config, trace=False))
 
 
 def best_rate(predictor: Predictor, frame: pd.DataFrame, repeats: int) -> float:
@@ -147,7 +153,7 @@ def matmul_rate(encoder_config: Any, rows: int, repeats: int = 20) -> float:
 
 def fp32_floor(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
     """Rows/s a perfect fp32 engine would reach here: matmul rate / FLOPs per row (the quieter of two windows)."""
-    with load(reference) as predictor:
+    with load(eager(reference)) as predictor:
         token_ids, model = predictor.preprocess(frame[list(INPUT_COLUMNS)]), predictor.engine.model
         flops = flops_per_row(model, token_ids)
         mean_tokens = float(np.mean([len(ids) for ids in token_ids]))
@@ -180,7 +186,7 @@ def seed_path(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
     """The seed's path over the frame (Ray Data from_pandas, one block): rows/s after a warm-up."""
     import ray
 
-    with load(reference) as predictor:  # what the tasks need, without the predictor's thread
+    with load(eager(reference)) as predictor:  # what the tasks need, without the predictor's thread
         ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False

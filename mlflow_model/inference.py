@@ -5,6 +5,9 @@ Server threads call `submit`; the thread gathers the rows of all waiting request
 Ray Serve's @serve.batch or Triton's dynamic batcher. One thread, so one OpenMP team: the
 cores are not oversubscribed by many concurrent single-row passes. The thread waits for more
 rows only while requests overlap (its last batch served several): a lone client is never delayed.
+The `warmup` hook runs first, on the thread: the predictor builds its engine there, so that the
+thread that loads the weights is the only one that runs them (torch gives each calling thread its
+own OpenMP team; two teams on two cores throttle each other and doubled the single-row time).
 """
 from __future__ import annotations
 
@@ -81,9 +84,10 @@ class InferenceThread:
         warmup: Callable[[], None] | None = None,
         name: str = "tagger-inference",
         micro_batch_rows: int | None = None,
+        warmup_timeout_s: float = 600.0,
     ) -> None:
-        if max_batch_rows < 1 or max_wait_ms < 0 or timeout_s <= 0 or (micro_batch_rows or 1) < 1:
-            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0, timeout_s > 0 and micro_batch_rows >= 1")
+        if max_batch_rows < 1 or max_wait_ms < 0 or min(timeout_s, warmup_timeout_s) <= 0 or (micro_batch_rows or 1) < 1:
+            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0, timeouts > 0 and micro_batch_rows >= 1")
         self.forward, self.max_batch_rows = forward, max_batch_rows
         self.micro_batch_rows = micro_batch_rows  # cap on forward's batch_size (None: the requests' own)
         self.max_wait_s, self.timeout_s = max_wait_ms / 1000.0, timeout_s
@@ -91,17 +95,20 @@ class InferenceThread:
         self._lock = threading.Lock()  # orders submit's puts against close's sentinel
         self._closed = False
         self._started = threading.Event()
-        self._warmup_error: str | None = None
+        self._warmup_error: Exception | None = None
         self._overlapping = False  # the last batch served several requests: worth waiting for more
         self._thread = threading.Thread(target=self._run, args=(warmup,), name=name, daemon=True)
         self._thread.start()
-        if not self._started.wait(timeout_s):
+        if not self._started.wait(warmup_timeout_s):
             with self._lock:  # the thread stops once warmup returns
                 self._closed = True
                 self._queue.put(_STOP)
-            raise InferenceError(f"inference thread warmup did not finish within {timeout_s:g} s")
+            raise InferenceError(f"inference thread warmup did not finish within {warmup_timeout_s:g} s")
+        if isinstance(self._warmup_error, TaggerError):  # typed (e.g. CheckpointError): the caller's own message
+            raise self._warmup_error
         if self._warmup_error is not None:
-            raise InferenceError(f"inference warmup failed: {self._warmup_error}")
+            error = self._warmup_error
+            raise InferenceError(f"inference warmup failed: {type(error).__name__}: {error}") from error
 
     def submit(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         """Probabilities of these rows (rows x classes, input order), computed on the inference thread.
@@ -154,7 +161,7 @@ class InferenceThread:
             if warmup is not None:
                 warmup()
         except Exception as error:  # noqa: BLE001 - reported by __init__ to the loader
-            self._warmup_error = f"{type(error).__name__}: {error}"
+            self._warmup_error = error
             self._closed = True
             return
         finally:

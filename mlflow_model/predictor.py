@@ -2,12 +2,14 @@
 
 `Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
 runs the token ids through its engine on its one inference thread (which batches the rows of
-concurrent requests), and turns probabilities into tags. `TorchPredictor` (the reference and the
+concurrent requests, and builds the engine itself so that no other thread runs its kernels), and
+turns probabilities into tags. `TorchPredictor` (the reference and the
 default) and `OnnxPredictor` only differ in the engine they build from the model's files.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +61,18 @@ def encoder_max_length(encoder_dir: str | Path) -> int:
 class Predictor:
     """Title + description rows -> tag and per-tag probabilities, over any engine."""
 
-    def __init__(self, engine: Engine, encoder_dir: str | Path, labels: list[str], config: PredictorConfig) -> None:
-        self.engine, self.index_to_class, self.config = engine, list(labels), config
+    def __init__(
+        self, build_engine: Callable[[], Engine], encoder_dir: str | Path, labels: list[str], config: PredictorConfig
+    ) -> None:
+        """`build_engine` runs on the inference thread, the one thread that runs the engine afterwards."""
+        self.index_to_class, self.config = list(labels), config
         self.max_length = config.max_length or encoder_max_length(encoder_dir)
         self.tokenizer = load_tokenizer(Path(encoder_dir) / TOKENIZER_FILE, self.max_length)
         self.pad_id = int(encoder_settings(encoder_dir).get("pad_token_id") or 0)
+        self.engine: Engine | None = None  # set on the inference thread before __init__ returns
         self.inference = InferenceThread(
-            self.run_batch, config.max_batch_rows, config.max_wait_ms, config.timeout_s, warmup=self.warmup
+            self.run_batch, config.max_batch_rows, config.max_wait_ms, config.timeout_s,
+            warmup=lambda: self.start(build_engine),
         )
 
     def preprocess(self, frame: pd.DataFrame) -> list[list[int]]:
@@ -124,8 +131,9 @@ class Predictor:
         logits = batched_logits(self.engine.logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
         return softmax(logits)
 
-    def warmup(self) -> None:
-        """One forward on the inference thread at load, so the first request does not pay for it."""
+    def start(self, build_engine: Callable[[], Engine]) -> None:
+        """Build the engine and run one forward, on the inference thread, so the first request pays for neither."""
+        self.engine = build_engine()
         self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1)
 
     def close(self) -> None:
@@ -161,14 +169,18 @@ class TorchPredictor(Predictor):
         cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
     ) -> TorchPredictor:
         """Build from a checkpoint folder and an encoder folder (config + tokenizer), offline."""
-        from mlflow_model.checkpoint import load_finetuned
-
-        import torch
-
         config = config or PredictorConfig()
-        torch.set_num_threads(config.num_threads or usable_cores())
-        engine = TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision)
-        return cls(engine, encoder_dir, index_to_class(checkpoint_dir), config)
+
+        def build_engine() -> TorchEngine:
+            """The model from the checkpoint, loaded by the thread that will run it."""
+            import torch
+
+            from mlflow_model.checkpoint import load_finetuned
+
+            torch.set_num_threads(config.num_threads or usable_cores())
+            return TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision, config.trace)
+
+        return cls(build_engine, encoder_dir, index_to_class(checkpoint_dir), config)
 
 
 class OnnxPredictor(Predictor):
@@ -180,8 +192,8 @@ class OnnxPredictor(Predictor):
     ) -> OnnxPredictor:
         """Build from a folder holding model.onnx + label map, and the encoder's tokenizer folder."""
         config = config or PredictorConfig(engine="onnx")
-        engine = OnnxEngine(Path(checkpoint_dir) / ONNX_FILE, config.num_threads or usable_cores())
-        return cls(engine, encoder_dir, index_to_class(checkpoint_dir), config)
+        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, config.num_threads or usable_cores()
+        return cls(lambda: OnnxEngine(model_path, threads), encoder_dir, index_to_class(checkpoint_dir), config)
 
 
 def load_predictor(checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig) -> Predictor:

@@ -5,6 +5,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mlflow_model.inference import InferenceError, InferenceThread
@@ -225,6 +226,37 @@ def test_a_failing_warmup_fails_the_load():
     wait_until(lambda: "bad-warmup" not in {t.name for t in threading.enumerate()})
 
 
+def test_a_typed_warmup_error_reaches_the_loader_unchanged():
+    from mlflow_model.errors import CheckpointError
+
+    def warmup() -> None:
+        raise CheckpointError("weights in /x do not fit the encoder")
+
+    with pytest.raises(CheckpointError, match="do not fit the encoder"):
+        InferenceThread(lambda ids, size: fake_probabilities(ids), warmup=warmup, name="typed-warmup")
+
+
+def test_the_predictor_builds_its_engine_on_the_inference_thread(tiny_checkpoint, tiny_encoder):
+    """The thread that loads the weights is the one that runs them: one OpenMP team, not two."""
+    from mlflow_model.config import PredictorConfig
+    from mlflow_model.predictor import Predictor, index_to_class
+
+    class Engine:
+        def __init__(self) -> None:
+            self.built_on = threading.current_thread().name
+            self.ran_on: set[str] = set()
+
+        def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            self.ran_on.add(threading.current_thread().name)
+            return np.zeros((len(input_ids), 4), np.float32)
+
+    labels = index_to_class(tiny_checkpoint)
+    with Predictor(Engine, tiny_encoder, labels, PredictorConfig()) as predictor:
+        predictor.predict_proba(pd.DataFrame({"title": ["a"], "description": ["b"]}))
+        assert predictor.engine.built_on == "tagger-inference"
+        assert predictor.engine.ran_on == {"tagger-inference"}
+
+
 def test_close_ends_the_daemon_thread(forward):
     inference = InferenceThread(forward, name="close-test")
     thread = next(t for t in threading.enumerate() if t.name == "close-test")
@@ -269,4 +301,4 @@ def test_tiny_torch_model_on_the_inference_thread(tiny_checkpoint, tiny_encoder,
 
 def test_a_slow_warmup_fails_the_load_after_timeout():
     with pytest.raises(InferenceError, match="warmup did not finish within 0.1 s"):
-        InferenceThread(lambda ids, size: fake_probabilities(ids), timeout_s=0.1, warmup=lambda: time.sleep(0.5))
+        InferenceThread(lambda ids, size: fake_probabilities(ids), warmup_timeout_s=0.1, warmup=lambda: time.sleep(0.5))

@@ -130,6 +130,26 @@ def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
     assert probabilities.sum(axis=1) == pytest.approx(np.ones(len(EXAMPLES)), abs=1e-5)
 
 
+def test_package_trace_option_chooses_how_the_served_torch_model_runs(two_runs, tiny_encoder):
+    import torch
+    from click.testing import CliRunner
+
+    from tagger.cli import cli
+
+    for flags in ([], ["--trace", "false"]):
+        outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--base-model", str(tiny_encoder), *flags])
+        assert outcome.exit_code == 0, outcome.output
+    traced, eager = (mlflow.pyfunc.load_model(f"models:/tagger/{v}") for v in (1, 2))
+    assert traced.metadata.flavors["python_function"]["config"]["trace"] is True
+    assert eager.metadata.flavors["python_function"]["config"]["trace"] is False
+    assert isinstance(traced.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
+    assert not isinstance(eager.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
+    got, expected = traced.predict(EXAMPLES), eager.predict(EXAMPLES)
+    assert list(got["prediction"]) == list(expected["prediction"])
+    for mine, theirs in zip(got["probabilities"], expected["probabilities"]):
+        assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-5
+
+
 def test_model_holds_no_pickled_weights_and_pins_requirements(two_runs, tiny_encoder):
     version = package(tiny_encoder)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tagger/{version.version}"))

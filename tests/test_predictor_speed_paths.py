@@ -50,13 +50,54 @@ def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_enco
 
 def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(100, seed=1)
-    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8")
+    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", trace=False)
     assert any("quantized" in type(m).__module__ for m in int8.engine.model.modules())  # Linear layers are int8
     quantized, reference = int8.predict_proba(rows), predictor(tiny_checkpoint, tiny_encoder).predict_proba(rows)
     assert quantized.shape == reference.shape == (100, len(CLASS_TO_INDEX))
     assert not np.array_equal(quantized, reference)  # really another computation...
     np.testing.assert_allclose(quantized, reference, atol=5e-3)  # ...with close probabilities
     assert (quantized.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder, precision):
+    import torch
+
+    rows = varied_rows(60, seed=4)
+    traced = predictor(tiny_checkpoint, tiny_encoder, precision=precision)
+    eager = predictor(tiny_checkpoint, tiny_encoder, precision=precision, trace=False)
+    assert isinstance(traced.engine.model, torch.jit.ScriptModule)  # the trace is what runs
+    assert not isinstance(eager.engine.model, torch.jit.ScriptModule)
+    for batch_size in (1, 7, 64):  # other batch sizes and widths than the trace's example
+        np.testing.assert_allclose(
+            traced.predict_proba(rows, batch_size=batch_size), eager.predict_proba(rows, batch_size=batch_size),
+            atol=1e-5, rtol=0,
+        )
+
+
+def test_a_model_whose_trace_differs_runs_eagerly(caplog):
+    """Python control flow on the input's shape freezes in a trace: the load check sees it and keeps eager."""
+    import torch
+
+    from mlflow_model.engines import TorchEngine
+
+    class ShapeDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(1, 4)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            x = (input_ids * attention_mask).float().mean(dim=1, keepdim=True)
+            return self.head(x * 2 if input_ids.shape[1] > 8 else x)  # traced at width 6: branch frozen
+
+    model = ShapeDependent()
+    with caplog.at_level("WARNING", logger="mlflow_model.engines"):
+        engine = TorchEngine(model)
+    assert engine.model is model
+    assert "its trace differs from it" in caplog.text
+    ids = np.arange(1, 25, dtype=np.int64).reshape(2, 12)
+    expected = model(torch.from_numpy(ids), torch.ones(2, 12, dtype=torch.long)).detach().numpy()
+    np.testing.assert_allclose(engine.logits(ids, np.ones_like(ids)), expected, atol=1e-6)
 
 
 @pytest.fixture
