@@ -100,9 +100,10 @@ def _traced(model: Any) -> Any:
     """The model as a TorchScript trace (one C++ call per forward), or the model itself if the trace differs.
 
     Traced here, at load, from the weights just read (nothing deserialized). The trace runs the
-    whole forward without the GIL and without Python between ops: 1.4x the rows/s of the eager
-    model under 32 concurrent clients. torch.jit.trace is deprecated (no successor runs without
-    a compiler at load time), so any failure or difference falls back to the eager model.
+    whole forward without the GIL and without Python between ops: 1.2-1.4x the rows/s of the
+    eager model under 32 concurrent clients. torch.jit.trace is deprecated (torch.compile needs a
+    compiler at load, torch.export's loader unpickles), so any failure or difference falls back
+    to the eager model.
     """
     import warnings
 

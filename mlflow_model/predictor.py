@@ -3,8 +3,8 @@
 `Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
 runs the token ids through its engine on its one inference thread (which batches the rows of
 concurrent requests, and builds the engine itself so that no other thread runs its kernels), and
-turns probabilities into tags. `TorchPredictor` (the reference and the
-default) and `OnnxPredictor` only differ in the engine they build from the model's files.
+turns probabilities into tags. `TorchPredictor` (the reference and the default) and
+`OnnxPredictor` only differ in the engine they build from the model's files.
 """
 from __future__ import annotations
 
