@@ -25,7 +25,8 @@ class PredictorConfig:
     threshold: float = 0.0  # below this top probability the tag becomes fallback_tag
     batch_size: int = 64
     max_length: int | None = None  # None: the encoder's own limit
-    num_threads: int | None = None  # None: every core this process may use
+    num_threads: int | None = None  # intra-op threads of each inference thread (None: 1)
+    inference_threads: int | None = None  # threads running forward passes side by side (None: cores // num_threads)
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
     engine: str = "torch"  # one of ENGINES: torch (the reference) or onnx (ONNX Runtime)
     precision: str = "fp32"  # one of PRECISIONS: fp32, bf16 (torch), int8 (dynamic int8 Linear layers)

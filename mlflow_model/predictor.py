@@ -58,6 +58,11 @@ def encoder_max_length(encoder_dir: str | Path) -> int:
     return int(min(limits))
 
 
+def inference_threads(config: PredictorConfig) -> int:
+    """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default)."""
+    return config.inference_threads or max(1, usable_cores() // (config.num_threads or 1))
+
+
 class Predictor:
     """Title + description rows -> tag and per-tag probabilities, over any engine."""
 
@@ -72,7 +77,7 @@ class Predictor:
         self.engine: Engine | None = None  # set on the inference thread before __init__ returns
         self.inference = InferenceThread(
             self.run_batch, config.max_batch_rows, config.max_wait_ms, config.timeout_s,
-            warmup=lambda: self.start(build_engine),
+            warmup=lambda: self.start(build_engine), threads=inference_threads(config),
         )
 
     def preprocess(self, frame: pd.DataFrame) -> list[list[int]]:
@@ -177,7 +182,7 @@ class TorchPredictor(Predictor):
 
             from mlflow_model.checkpoint import load_finetuned
 
-            torch.set_num_threads(config.num_threads or usable_cores())
+            torch.set_num_threads(config.num_threads or 1)  # per inference thread
             return TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision, config.trace)
 
         return cls(build_engine, encoder_dir, index_to_class(checkpoint_dir), config)
@@ -192,7 +197,7 @@ class OnnxPredictor(Predictor):
     ) -> OnnxPredictor:
         """Build from a folder holding model.onnx + label map, and the encoder's tokenizer folder."""
         config = config or PredictorConfig(engine="onnx")
-        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, config.num_threads or usable_cores()
+        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, config.num_threads or 1  # per inference thread
         return cls(lambda: OnnxEngine(model_path, threads), encoder_dir, index_to_class(checkpoint_dir), config)
 
 

@@ -251,10 +251,35 @@ def test_the_predictor_builds_its_engine_on_the_inference_thread(tiny_checkpoint
             return np.zeros((len(input_ids), 4), np.float32)
 
     labels = index_to_class(tiny_checkpoint)
-    with Predictor(Engine, tiny_encoder, labels, PredictorConfig()) as predictor:
+    with Predictor(Engine, tiny_encoder, labels, PredictorConfig(inference_threads=1)) as predictor:
         predictor.predict_proba(pd.DataFrame({"title": ["a"], "description": ["b"]}))
         assert predictor.engine.built_on == "tagger-inference"
         assert predictor.engine.ran_on == {"tagger-inference"}
+
+
+def test_several_inference_threads_share_the_queue_and_answer_every_request_in_order(forward):
+    """Threads that each run whole batches side by side: every caller gets its own rows, in order."""
+    inference = InferenceThread(forward, max_batch_rows=4, max_wait_ms=1, threads=3, name="pool-test")
+    try:
+        names = {t.name for t in threading.enumerate() if t.name.startswith("pool-test")}
+        assert names == {"pool-test", "pool-test-1", "pool-test-2"}
+        requests = [request_rows(seed, count) for seed, count in enumerate([1, 3, 9, 2, 17, 5] * 4)]
+        answers: dict[int, np.ndarray] = {}
+        callers = [threading.Thread(target=lambda i=i: answers.__setitem__(i, inference.submit(requests[i], 8)))
+                   for i in range(len(requests))]
+        forward.release.clear()  # a thread holding a batch leaves the queue to the others
+        for caller in callers:
+            caller.start()
+        wait_until(lambda: len({name for _, _, name in forward.calls}) == 3)  # all three run a batch at once
+        forward.release.set()
+        for caller in callers:
+            caller.join(30)
+        for i, rows in enumerate(requests):
+            np.testing.assert_array_equal(answers[i], fake_probabilities(rows))
+    finally:
+        inference.close()
+    assert not inference.alive  # every thread stopped: each got its own sentinel
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("pool-test")}
 
 
 def test_close_ends_the_daemon_thread(forward):

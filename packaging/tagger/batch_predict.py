@@ -137,7 +137,8 @@ class TaggerActor:
     def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        model = mlflow.pyfunc.load_model(model_uri, model_config={"num_threads": num_threads})
+        settings = {"num_threads": num_threads, "inference_threads": 1}  # the actor's own CPUs, nothing more
+        model = mlflow.pyfunc.load_model(model_uri, model_config=settings)
         self.predictor = model.unwrap_python_model().predictor
         self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in self.predictor.index_to_class])
         self.id_column = id_column
