@@ -203,10 +203,7 @@ def test_many_files_and_blocks_give_every_row_once_bad_rows_once_and_the_in_proc
     by_id = written.set_index("id").loc[rows["id"]]  # each output row carries its own input columns
     assert by_id["title"].fillna("").tolist() == rows["title"].fillna("").tolist()
     assert by_id["description"].fillna("").tolist() == rows["description"].tolist()
-    for path in glob.glob(str(out / "*.parquet")):  # a file's rows from one input file keep their input order
-        ids = pd.read_parquet(path)["id"]
-        for _, from_one_file in ids.groupby(ids // 25):
-            assert from_one_file.is_monotonic_increasing
+    # Row order across batches is Ray Data's (preserve_order off: batches run side by side), so no order is asserted.
     good = rows[rows["title"].notna()]
     import mlflow
 
