@@ -31,7 +31,7 @@ class PredictorConfig:
     engine: str = "torch"  # one of ENGINES: torch (the reference) or onnx (ONNX Runtime)
     precision: str = "fp32"  # one of PRECISIONS: fp32, bf16 (torch), int8 (dynamic int8 Linear layers)
     trace: bool = True  # torch: run a TorchScript trace of the model made at load (eager if it differs)
-    max_batch_rows: int = 32  # the inference thread runs at most this many rows of waiting requests at once
+    max_batch_rows: int = 32  # an inference thread runs at most this many rows of waiting requests at once
     max_wait_ms: float = 2.0  # ...and waits at most this long after the first for more to arrive
     timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)
     max_request_rows: int | None = None  # rows one online request may hold; None: no limit (set at packaging)

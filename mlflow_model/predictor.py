@@ -1,8 +1,8 @@
 """The predictor: preprocess -> forward -> postprocess, the three steps of a prediction.
 
 `Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
-runs the token ids through its engine on its one inference thread (which batches the rows of
-concurrent requests, and builds the engine itself so that no other thread runs its kernels), and
+runs the token ids through its engine on its inference threads (which batch the rows of
+concurrent requests; the first builds the engine, so that no other thread runs its kernels), and
 turns probabilities into tags. `TorchPredictor` (the reference and the default) and
 `OnnxPredictor` only differ in the engine they build from the model's files.
 """
@@ -69,7 +69,7 @@ class Predictor:
     def __init__(
         self, build_engine: Callable[[], Engine], encoder_dir: str | Path, labels: list[str], config: PredictorConfig
     ) -> None:
-        """`build_engine` runs on the inference thread, the one thread that runs the engine afterwards."""
+        """`build_engine` runs on the first inference thread, one of the threads that run the engine afterwards."""
         self.index_to_class, self.config = list(labels), config
         self.max_length = config.max_length or encoder_max_length(encoder_dir)
         self.tokenizer = load_tokenizer(Path(encoder_dir) / TOKENIZER_FILE, self.max_length)
@@ -85,7 +85,7 @@ class Predictor:
         return tokenize(self.tokenizer, prepare_texts(frame))
 
     def forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Class probabilities per row, in input order, computed on the inference thread."""
+        """Class probabilities per row, in input order, computed on the inference threads."""
         return self.inference.submit(token_ids, batch_size)
 
     def postprocess(self, probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -142,7 +142,7 @@ class Predictor:
         self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1)
 
     def close(self) -> None:
-        """Stop the inference thread (a predictor that is dropped without close keeps an idle thread)."""
+        """Stop the inference threads (a predictor that is dropped without close keeps idle threads)."""
         self.inference.close()
 
     def __enter__(self) -> Predictor:
