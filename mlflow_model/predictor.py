@@ -2,7 +2,7 @@
 
 `Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
 runs the token ids through its engine on its inference threads (which batch the rows of
-concurrent requests; the first builds the engine, so that no other thread runs its kernels), and
+concurrent requests; the first builds the engine, so no idle loading thread keeps a team of its own), and
 turns probabilities into tags. `TorchPredictor` (the reference and the default) and
 `OnnxPredictor` only differ in the engine they build from the model's files.
 """
