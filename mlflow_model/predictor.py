@@ -2,8 +2,8 @@
 
 `Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
 runs the token ids through its engine on its inference threads (which batch the rows of
-concurrent requests; the first builds the engine, so no idle loading thread keeps a team of its own), and
-turns probabilities into tags. `TorchPredictor` (the reference and the default) and
+concurrent requests; the first builds the engine, so no idle loading thread keeps an OpenMP
+team of its own), and turns probabilities into tags. `TorchPredictor` (the reference and the default) and
 `OnnxPredictor` only differ in the engine they build from the model's files.
 """
 from __future__ import annotations
