@@ -127,15 +127,22 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
 
 
 def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> FinetunedLLM:
-    """The trained FinetunedLLM: the encoder's architecture (config.json) with the checkpoint's weights."""
+    """The trained FinetunedLLM: the encoder's architecture (config.json) with the checkpoint's weights.
+
+    The checkpoint's tensors become the parameters (assign=True): safetensors memory-maps the file,
+    so pages are read as they are used and the workers of one server share them.
+    """
     from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
 
     from mlflow_model.model import build_model
 
     checkpoint = read_checkpoint(checkpoint_dir)
-    model = build_model(AutoConfig.from_pretrained(encoder_dir, local_files_only=True), checkpoint.args)
+    with no_init_weights():  # every weight comes from the checkpoint: no random init to throw away
+        model = build_model(AutoConfig.from_pretrained(encoder_dir, local_files_only=True), checkpoint.args)
     try:
-        missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+        missing, unexpected = model.load_state_dict(_as_model_dtypes(checkpoint.state_dict, model), strict=False,
+                                                    assign=True)
     except RuntimeError as error:  # tensor shapes differ: another encoder than the one trained
         raise CheckpointError(f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: {error}") from error
     if missing or unexpected:
@@ -144,6 +151,13 @@ def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> Finet
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
+
+
+def _as_model_dtypes(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor in its parameter's dtype: assign=True keeps the tensor it is given."""
+    expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    return {name: t.to(expected[name]) if name in expected and t.dtype != expected[name] else t
+            for name, t in state.items()}
 
 
 def write_checkpoint(

@@ -14,6 +14,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + labe
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
 TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor tokenizes with
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
+ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
 ENGINES = ("torch", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server
 from test_predictor_speed_paths import varied_rows
 
-from mlflow_model.config import PredictorConfig
+from mlflow_model.config import ONNX_FILE, ONNX_WEIGHTS_FILE, PredictorConfig
 from mlflow_model.predictor import TorchPredictor
 from tagger.cli import cli
 from tagger.config import PackageConfig
@@ -73,6 +74,9 @@ def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precisio
 @pytest.mark.slow
 def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encoder):
     uri = package(store, tiny_encoder, "onnx", "fp32")
+    checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
+    assert {p.name for p in checkpoint.iterdir()} == {ONNX_FILE, ONNX_WEIGHTS_FILE, "args.json", "class_to_index.json"}
+    assert (checkpoint / ONNX_FILE).stat().st_size < (checkpoint / ONNX_WEIGHTS_FILE).stat().st_size  # graph apart
     requirements = mlflow.pyfunc.get_model_dependencies(uri)
     pins = open(requirements).read().split()
     assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith(("torch", "transformers")) for p in pins)

@@ -12,11 +12,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import CLASS_TO_INDEX, ROOT, build_tiny_checkpoint, log_training_run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from transformers import BertConfig, BertModel
 
+from mlflow_model.checkpoint import load_finetuned, write_checkpoint
 from mlflow_model.config import PredictorConfig
+from mlflow_model.model import FinetunedLLM, ModelArgs
 from tagger.config import PackageConfig
 from mlflow_model.errors import CheckpointError, InvalidInputError
 from tagger.errors import RunSelectionError
@@ -202,6 +206,24 @@ def test_predictor_errors_are_typed(tiny_checkpoint, tiny_encoder, tmp_path):
         TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
     with pytest.raises(CheckpointError, match="does not exist"):
         TorchPredictor.from_directories(tmp_path / "missing", tiny_encoder)
+
+
+def test_the_checkpoint_tensors_become_the_weights_in_fp32_whatever_dtype_they_were_saved_in(tiny_encoder, tmp_path):
+    """load_finetuned skips the random init and takes the file's tensors: same logits as the trained model."""
+    torch.manual_seed(0)
+    args = ModelArgs(dropout_p=0.1, embedding_dim=32, num_classes=len(CLASS_TO_INDEX))
+    trained = FinetunedLLM(BertModel(BertConfig.from_pretrained(tiny_encoder)), args).eval()
+    state = trained.state_dict()
+    write_checkpoint(tmp_path / "fp32", state, args, CLASS_TO_INDEX)
+    write_checkpoint(tmp_path / "fp16", {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                     args, CLASS_TO_INDEX)
+    ids = torch.tensor([[2, 5, 9, 3, 0, 0], [2, 7, 8, 11, 12, 3]])
+    with torch.inference_mode():
+        expected = trained(ids, (ids != 0).long())
+        loaded, from_half = (load_finetuned(tmp_path / name, tiny_encoder) for name in ("fp32", "fp16"))
+        assert not loaded.training and torch.equal(loaded(ids, (ids != 0).long()), expected)
+        assert {p.dtype for p in from_half.parameters()} == {torch.float32}
+        torch.testing.assert_close(from_half(ids, (ids != 0).long()), expected, atol=1e-2, rtol=0)
 
 
 def test_promotion_archives_previous_and_sets_champion(two_runs, tiny_encoder):

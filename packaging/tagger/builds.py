@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from mlflow_model.checkpoint import ARGS_FILE, LABELS_FILE, load_finetuned
-from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, ONNX_FILE, PredictorConfig
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.predictor import load_predictor
 from tagger.data import load_data
 from tagger.errors import BuildError
@@ -42,7 +42,7 @@ def is_reference(config: PredictorConfig) -> bool:
 
 
 def onnx_artifacts(reference: dict[str, str], out_dir: str | Path, precision: str, rows: pd.DataFrame) -> dict[str, str]:
-    """The ONNX build's artifacts: model.onnx + label map, and the same encoder files as the reference."""
+    """The ONNX build's artifacts: model.onnx + its weights + label map, and the same encoder files as the reference."""
     from transformers import AutoConfig
 
     from tagger.onnx_build import build_onnx
@@ -57,9 +57,7 @@ def onnx_artifacts(reference: dict[str, str], out_dir: str | Path, precision: st
     with load_predictor(reference[CHECKPOINT_ARTIFACT], encoder, PredictorConfig()) as predictor:
         token_ids, pad_id = predictor.preprocess(rows), predictor.pad_id
     samples = [token_ids[i : i + 16] for i in range(0, len(token_ids), 16)]
-    built = build_onnx(model, AutoConfig.from_pretrained(encoder), out_dir / "onnx", precision, samples, pad_id)
-    shutil.move(built, checkpoint / ONNX_FILE)
-    shutil.rmtree(out_dir / "onnx")
+    build_onnx(model, AutoConfig.from_pretrained(encoder), checkpoint, precision, samples, pad_id)
     return {CHECKPOINT_ARTIFACT: str(checkpoint), ENCODER_ARTIFACT: str(encoder)}
 
 
