@@ -63,14 +63,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantization of the Linear layers (weights int8, activations per batch)."""
+    """Dynamic int8 quantization of the Linear layers (weights int8, activations per batch).
+
+    In place: a copy would also copy the embedding table out of the memory-mapped weights file.
+    """
     import warnings
 
     import torch
 
     with warnings.catch_warnings():  # torch marks torch.ao.quantization deprecated (torchao)
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _effective_precision(precision: str) -> str:
