@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow_model.errors import ConfigError
+
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
@@ -17,6 +19,11 @@ ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
 ENGINES = ("torch", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
+# Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
+_LOWEST = {
+    "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
+    "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False), "timeout_s": (1e-3, False),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,20 @@ class PredictorConfig:
     timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)
     max_request_rows: int | None = None  # rows one online request may hold; None: no limit (set at packaging)
     fallback_tag: str = FALLBACK_TAG
+
+    def __post_init__(self) -> None:
+        """Refuse a value the predictor cannot run with, naming the setting (a model_config at load included)."""
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        for name, (lowest, whole) in _LOWEST.items():
+            value = getattr(self, name)
+            if value is None and defaults[name] is None:
+                continue
+            number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if not number or not value >= lowest:
+                kind = "a whole number" if whole else "a number"
+                raise ConfigError(f"predictor setting {name!r} must be {kind} >= {lowest:g}, got {value!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+            raise ConfigError(f"predictor setting 'threshold' must be a number between 0 and 1, got {self.threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as MLflow stores `model_config`."""

@@ -24,3 +24,7 @@ class InvalidInputError(TaggerError):
 
 class CheckpointError(TaggerError):
     """A checkpoint folder is missing a file or its files disagree with each other."""
+
+
+class ConfigError(TaggerError):
+    """A predictor setting (given at packaging or as `model_config` at load) has a value it cannot run with."""

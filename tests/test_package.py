@@ -22,7 +22,7 @@ from mlflow_model.checkpoint import load_finetuned, write_checkpoint
 from mlflow_model.config import PredictorConfig
 from mlflow_model.model import FinetunedLLM, ModelArgs
 from tagger.config import PackageConfig
-from mlflow_model.errors import CheckpointError, InvalidInputError
+from mlflow_model.errors import CheckpointError, ConfigError, InvalidInputError
 from tagger.errors import RunSelectionError
 from mlflow_model.predictor import TorchPredictor
 from tagger.package import package_best_run
@@ -152,6 +152,16 @@ def test_package_trace_option_chooses_how_the_served_torch_model_runs(two_runs, 
     assert list(got["prediction"]) == list(expected["prediction"])
     for mine, theirs in zip(got["probabilities"], expected["probabilities"]):
         assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-5
+
+
+def test_a_bad_setting_given_at_load_is_a_typed_error_naming_it(two_runs, tiny_encoder):
+    uri = f"models:/tagger/{package(tiny_encoder).version}"
+    for setting, message in (({"inference_threads": -1}, "'inference_threads' must be a whole number >= 1, got -1"),
+                             ({"max_wait_ms": "soon"}, "'max_wait_ms' must be a number >= 0, got 'soon'"),
+                             ({"threshold": 1.5}, "'threshold' must be a number between 0 and 1, got 1.5")):
+        with pytest.raises(ConfigError, match=message):
+            mlflow.pyfunc.load_model(uri, model_config=setting)
+    assert mlflow.pyfunc.load_model(uri, model_config={"inference_threads": 1}).predict(EXAMPLES).shape[0] == len(EXAMPLES)
 
 
 def test_model_holds_no_pickled_weights_and_pins_requirements(two_runs, tiny_encoder):
