@@ -163,15 +163,20 @@ def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
 
 @pytest.fixture
 def many_files(tmp_path) -> tuple[str, int]:
-    """30 CSVs of 20 rows (ids 0..599): many blocks, so a job is still busy after its first output file."""
+    """30 CSVs of 100 rows (ids 0..2999): a job still has most of its rows to predict when its first file is staged.
+
+    (With 20 rows per file the tiny model's actor once finished every row before the first write
+    landed in CI, so killing it then failed nothing.)
+    """
     folder = tmp_path / "many"
     folder.mkdir()
     words = ["image model", "bert text", "deploy pipeline", "video detection", "data learning"]
+    per_file = 100
     for number in range(30):
-        ids = range(number * 20, number * 20 + 20)
+        ids = range(number * per_file, (number + 1) * per_file)
         pd.DataFrame({"id": list(ids), "title": [words[i % 5] for i in ids], "description": [f"row {i}" for i in ids]}
                      ).to_csv(folder / f"part-{number:02d}.csv", index=False)
-    return str(folder / "*.csv"), 600
+    return str(folder / "*.csv"), 30 * per_file
 
 
 @pytest.fixture
