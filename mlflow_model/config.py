@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,12 @@ _LOWEST = {
     "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
     "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False), "timeout_s": (1e-3, False),
 }
+
+
+def is_number_in(value: Any, lowest: float, highest: float = math.inf, whole: bool = False) -> bool:
+    """Whether value is a number (a whole one if asked; a bool is not one) with lowest <= value <= highest."""
+    kind = numbers.Integral if whole else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool) and lowest <= value <= highest
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,10 @@ class PredictorConfig:
             value = getattr(self, name)
             if value is None and defaults[name] is None:
                 continue
-            number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
-            if not number or not value >= lowest:
+            if not is_number_in(value, lowest, whole=whole):
                 kind = "a whole number" if whole else "a number"
                 raise ConfigError(f"predictor setting {name!r} must be {kind} >= {lowest:g}, got {value!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+        if not is_number_in(self.threshold, 0.0, 1.0):
             raise ConfigError(f"predictor setting 'threshold' must be a number between 0 and 1, got {self.threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from mlflow_model.batching import batched_logits, softmax
 from mlflow_model.checkpoint import read_args, read_class_to_index
-from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig
+from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig, is_number_in
 from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, usable_cores
 from mlflow_model.errors import CheckpointError, InvalidInputError
 from mlflow_model.inference import InferenceThread
@@ -154,14 +154,14 @@ class Predictor:
     def _checked_batch_size(self, batch_size: Any) -> int:
         """The batch size to use, or InvalidInputError naming the param."""
         size = self.config.batch_size if batch_size is None else batch_size
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        if not is_number_in(size, 1, whole=True):
             raise InvalidInputError(f"param 'batch_size' must be a positive integer, got {size!r}")
         return int(size)
 
     def _checked_threshold(self, threshold: Any) -> float:
         """The threshold to use, or InvalidInputError naming the param."""
         limit = self.config.threshold if threshold is None else threshold
-        if isinstance(limit, bool) or not isinstance(limit, (int, float, np.number)) or not 0.0 <= limit <= 1.0:
+        if not is_number_in(limit, 0.0, 1.0):
             raise InvalidInputError(f"param 'threshold' must be a number between 0 and 1, got {limit!r}")
         return float(limit)
 
