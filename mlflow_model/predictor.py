@@ -58,9 +58,14 @@ def encoder_max_length(encoder_dir: str | Path) -> int:
     return int(min(limits))
 
 
+def intra_op_threads(config: PredictorConfig) -> int:
+    """Threads each inference thread's engine runs one forward pass on: as asked, else 1."""
+    return config.num_threads or 1
+
+
 def inference_threads(config: PredictorConfig) -> int:
     """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default)."""
-    return config.inference_threads or max(1, usable_cores() // (config.num_threads or 1))
+    return config.inference_threads or max(1, usable_cores() // intra_op_threads(config))
 
 
 class Predictor:
@@ -182,7 +187,7 @@ class TorchPredictor(Predictor):
 
             from mlflow_model.checkpoint import load_finetuned
 
-            torch.set_num_threads(config.num_threads or 1)  # per inference thread
+            torch.set_num_threads(intra_op_threads(config))  # per inference thread
             return TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision, config.trace)
 
         return cls(build_engine, encoder_dir, index_to_class(checkpoint_dir), config)
@@ -197,7 +202,7 @@ class OnnxPredictor(Predictor):
     ) -> OnnxPredictor:
         """Build from a folder holding model.onnx + label map, and the encoder's tokenizer folder."""
         config = config or PredictorConfig(engine="onnx")
-        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, config.num_threads or 1  # per inference thread
+        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, intra_op_threads(config)
         return cls(lambda: OnnxEngine(model_path, threads), encoder_dir, index_to_class(checkpoint_dir), config)
 
 
