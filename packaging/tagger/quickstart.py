@@ -42,10 +42,12 @@ def use_local_store(workdir: Path, experiment_name: str) -> str:
 
 
 def serve_command(tracking_uri: str) -> str:
-    """The shell command that serves the promoted model from this store."""
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    """The shell command that serves the promoted model from this store (the environment's bin first on PATH:
+    the scoring server starts `uvicorn` from PATH, so without it an inactive virtualenv fails with status 127)."""
+    bin_dir = Path(sys.executable).parent
     return (
-        f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} {shlex.quote(str(mlflow_bin))} models serve "
+        f"PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
+        f"{shlex.quote(str(bin_dir / 'mlflow'))} models serve "
         f"-m models:/{MODEL_NAME}/{PRODUCTION_STAGE} --env-manager local -h 127.0.0.1 -p 5000"
     )
 
