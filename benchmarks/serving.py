@@ -5,7 +5,8 @@
         --seconds 15 --out outputs/serving.json
 
 For the do-nothing pyfunc (benchmarks/noop_model.py, saved to a temporary folder) and each
---model-uri (repeatable), one server at a time: ready time (launch to the first /ping 200), RSS of
+--model-uri (repeatable, downloaded to a temporary folder first, the download timed apart), one
+server at a time, each served from its folder: ready time (launch to the first /ping 200), RSS of
 the uvicorn worker and of the `mlflow` CLI process beside it, then 1 client and --clients
 concurrent clients sending single-row `dataframe_records` requests for --seconds (at most
 --max-requests each): rows/s, p50/p99 ms, errors, and mismatches against the answer the same
@@ -247,12 +248,35 @@ def in_process_single_row_ms(model_uri: str, rows: list[dict[str, Any]], count: 
     return round(float(np.median(times)) * 1000, 2)
 
 
+def local_copy(model_uri: str, folder: Path) -> tuple[str, float | None]:
+    """The model as a local folder, and the seconds its download took (None for a folder already).
+
+    Both servers then start from a local folder: ready time is the server's own start-up, and the
+    registry's download, which the do-nothing model (saved locally) never pays, is reported apart.
+    """
+    import mlflow
+
+    if Path(model_uri).is_dir():
+        return model_uri, None
+    started = time.perf_counter()
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder))
+    return local, round(time.perf_counter() - started, 2)
+
+
 def bench_server(label: str, model_uri: str, options: dict, bodies: list[bytes], workdir: Path) -> dict:
-    """Serve one model and measure it: ready time, RSS, then 1 and N concurrent clients."""
+    """Serve one model from a local folder and measure it: ready time, RSS, then 1 and N concurrent clients."""
     workdir.mkdir(parents=True, exist_ok=True)
-    log_file = workdir / f"server-{len(list(workdir.glob('server-*')))}.log"
-    with served(model_uri, options["tracking_uri"], log_file) as server:
-        result = {"label": label, "model_uri": model_uri, "log": str(log_file)}
+    log_file = workdir / f"server-{len(list(workdir.glob('server-*.log')))}.log"
+    with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
+        folder, download_s = local_copy(model_uri, Path(tmp))
+        return measure_server(label, model_uri, folder, download_s, options, bodies, log_file)
+
+
+def measure_server(label: str, model_uri: str, folder: str, download_s: float | None, options: dict,
+                   bodies: list[bytes], log_file: Path) -> dict:
+    """Serve the model folder: ready time, RSS, then 1 and N concurrent clients."""
+    with served(folder, options["tracking_uri"], log_file) as server:
+        result = {"label": label, "model_uri": model_uri, "download_s": download_s, "log": str(log_file)}
         result["ready_s"] = round(wait_ready(server, options["ready_timeout"]), 2)
         result.update(rss_mb(server["process"]))
         refs = references(server["port"], bodies)
@@ -310,11 +334,11 @@ def markdown(results: list[dict], clients: str) -> str:
                 f"{load['p50_ms']:.1f} | {load['p50_ms'] - base['p50_ms']:+.1f} | {load['p99_ms']:.1f} | "
                 f"{load['errors']} | {load['mismatches']} | {load['server_cores']} | {load['server_cpu_ms_per_row']} |"
             )
-    lines += ["", "| server | ready s | worker RSS MB | CLI RSS MB | worker RSS after load MB | in-process 1 row ms |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| server | download s | ready s | worker RSS MB | CLI RSS MB | worker RSS after load MB "
+              "| in-process 1 row ms |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['label']} | {r['ready_s']} | {r['worker_rss_mb']} | {r['cli_rss_mb']} | "
-                     f"{r['after_load']['worker_rss_mb']} | {r.get('in_process_ms', '-')} |")
+        lines.append(f"| {r['label']} | {r['download_s'] or '-'} | {r['ready_s']} | {r['worker_rss_mb']} | "
+                     f"{r['cli_rss_mb']} | {r['after_load']['worker_rss_mb']} | {r.get('in_process_ms', '-')} |")
     for r in results[1:]:
         lines.append("")
         lines.append(f"targets for {r['label']}: " + ", ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in r["targets"].items()))

@@ -17,6 +17,7 @@ FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
 ENCODER_ARTIFACT = "encoder"  # model artifact: transformers config + tokenizer files
 TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor tokenizes with
+TRACE_FILE = "model.torchscript"  # in the checkpoint artifact of a torch fp32 build: its trace, without weights
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
 ENGINES = ("torch", "onnx")
@@ -46,7 +47,7 @@ class PredictorConfig:
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
     engine: str = "torch"  # one of ENGINES: torch (the reference) or onnx (ONNX Runtime)
     precision: str = "fp32"  # one of PRECISIONS: fp32, bf16 (torch), int8 (dynamic int8 Linear layers)
-    trace: bool = True  # torch: run a TorchScript trace of the model made at load (eager if it differs)
+    trace: bool = True  # torch: run a TorchScript trace of the model (saved at packaging for fp32; eager if it differs)
     max_batch_rows: int = 32  # an inference thread runs at most this many rows of waiting requests at once
     max_wait_ms: float = 2.0  # ...and waits at most this long after the first for more to arrive
     timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)

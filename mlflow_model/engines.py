@@ -16,7 +16,7 @@ import numpy as np
 from mlflow_model.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from mlflow_model.model import FinetunedLLM
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ TORCH_PRECISIONS = ("fp32", "bf16", "int8")
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-TRACE_TOLERANCE = 1e-4  # largest logit difference allowed between the traced and the eager model
 
 
 class Engine(Protocol):
@@ -89,49 +88,13 @@ def _effective_precision(precision: str) -> str:
     return precision
 
 
-def _padded_example(rows: int, width: int) -> tuple[Any, Any]:
-    """Token ids and a mask with one padded row: the trace must record the masked path."""
-    import torch
-
-    input_ids = torch.arange(1, rows * width + 1, dtype=torch.long).reshape(rows, width) % 100 + 1
-    attention_mask = torch.ones(rows, width, dtype=torch.long)
-    attention_mask[0, width // 2 :] = 0
-    return input_ids * attention_mask, attention_mask
-
-
-def _traced(model: Any) -> Any:
-    """The model as a TorchScript trace (one C++ call per forward), or the model itself if the trace differs.
-
-    Traced here, at load, from the weights just read (nothing deserialized). The trace runs the
-    whole forward without the GIL and without Python between ops: 1.2-1.4x the rows/s of the
-    eager model under 32 concurrent clients. torch.jit.trace is deprecated (torch.compile needs a
-    compiler at load, torch.export's loader unpickles), so any failure or difference falls back
-    to the eager model.
-    """
-    import warnings
-
-    import torch
-
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # the deprecation, and TracerWarnings checked below instead
-            traced = torch.jit.trace(model, _padded_example(2, 6), strict=False, check_trace=False)
-            check = _padded_example(3, 11)  # another shape: the trace must not have frozen the example's
-            difference = (traced(*check).float() - model(*check).float()).abs().max().item()
-    except Exception as error:  # noqa: BLE001 - a backbone torch cannot trace still runs, eagerly
-        logger.warning("running the model eagerly: tracing it failed (%s: %s)", type(error).__name__, error)
-        return model
-    if not difference <= TRACE_TOLERANCE:
-        logger.warning("running the model eagerly: its trace differs from it by %.3g", difference)
-        return model
-    return traced
-
-
 class TorchEngine:
-    """FinetunedLLM in eval mode, run with torch in fp32, bf16 or dynamic int8 (bf16 converts the model in place)."""
+    """FinetunedLLM (or its trace) in eval mode, run with torch in fp32, bf16 or dynamic int8 (bf16 converts in place)."""
 
-    def __init__(self, model: FinetunedLLM, precision: str = "fp32", trace: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32", trace: bool = True) -> None:
         import torch
+
+        from mlflow_model.traced import traced_or_eager
 
         self._torch = torch
         self.requested_precision = precision
@@ -141,7 +104,7 @@ class TorchEngine:
             model = model.to(torch.bfloat16)
         elif self.precision == "int8":
             model = _quantize_int8(model)
-        self.model = _traced(model) if trace else model
+        self.model = traced_or_eager(model) if trace else model
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """float32 logits of one padded batch."""

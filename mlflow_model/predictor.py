@@ -186,8 +186,11 @@ class TorchPredictor(Predictor):
             import torch
 
             from mlflow_model.checkpoint import load_finetuned
+            from mlflow_model.traced import load_trace
 
             torch.set_num_threads(intra_op_threads(config))  # per inference thread
+            if config.trace and config.precision == "fp32" and (traced := load_trace(checkpoint_dir)) is not None:
+                return TorchEngine(traced, trace=False)  # the trace saved at packaging: no transformers needed
             return TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision, config.trace)
 
         return cls(build_engine, encoder_dir, index_to_class(checkpoint_dir), config)

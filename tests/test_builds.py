@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server
 from test_predictor_speed_paths import varied_rows
 
-from mlflow_model.config import ONNX_FILE, ONNX_WEIGHTS_FILE, PredictorConfig
+from mlflow_model.checkpoint import SAFETENSORS_FILE
+from mlflow_model.config import ONNX_FILE, ONNX_WEIGHTS_FILE, TRACE_FILE, PredictorConfig
 from mlflow_model.predictor import TorchPredictor
 from tagger.cli import cli
 from tagger.config import PackageConfig
@@ -71,15 +72,8 @@ def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precisio
     np.testing.assert_allclose(got, store["expected"], atol=0.05)
 
 
-@pytest.mark.slow
-def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encoder):
-    uri = package(store, tiny_encoder, "onnx", "fp32")
-    checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
-    assert {p.name for p in checkpoint.iterdir()} == {ONNX_FILE, ONNX_WEIGHTS_FILE, "args.json", "class_to_index.json"}
-    assert (checkpoint / ONNX_FILE).stat().st_size < (checkpoint / ONNX_WEIGHTS_FILE).stat().st_size  # graph apart
-    requirements = mlflow.pyfunc.get_model_dependencies(uri)
-    pins = open(requirements).read().split()
-    assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith(("torch", "transformers")) for p in pins)
+def load_offline_in_a_new_process(store: dict, uri: str) -> dict:
+    """Load the model and predict ROWS in a fresh offline process: whether it imported torch / transformers, its probabilities."""
     script = (
         "import json, sys, mlflow, pandas as pd;"
         f"m = mlflow.pyfunc.load_model({uri!r});"
@@ -90,9 +84,37 @@ def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encod
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": store["uri"]}
     output = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     loaded = json.loads(output.stdout.strip().splitlines()[-1])
+    loaded["probabilities"] = np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in loaded["probabilities"]])
+    return loaded
+
+
+def test_the_torch_fp32_build_ships_its_trace_without_weights_and_loads_without_transformers(store, tiny_encoder):
+    import torch
+
+    mlflow.set_tracking_uri(store["uri"])
+    version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder)))
+    uri = f"models:/tagger/{version.version}"
+    checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
+    assert {p.name for p in checkpoint.iterdir()} == {SAFETENSORS_FILE, TRACE_FILE, "args.json", "class_to_index.json"}
+    trace = torch.jit.load(str(checkpoint / TRACE_FILE))
+    assert all(p.untyped_storage().nbytes() <= p.element_size() for p in trace.parameters())  # placeholders only
+    loaded = load_offline_in_a_new_process(store, uri)
+    assert loaded["torch"] is True and loaded["transformers"] is False
+    np.testing.assert_allclose(loaded["probabilities"], store["expected"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encoder):
+    uri = package(store, tiny_encoder, "onnx", "fp32")
+    checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
+    assert {p.name for p in checkpoint.iterdir()} == {ONNX_FILE, ONNX_WEIGHTS_FILE, "args.json", "class_to_index.json"}
+    assert (checkpoint / ONNX_FILE).stat().st_size < (checkpoint / ONNX_WEIGHTS_FILE).stat().st_size  # graph apart
+    requirements = mlflow.pyfunc.get_model_dependencies(uri)
+    pins = open(requirements).read().split()
+    assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith(("torch", "transformers")) for p in pins)
+    loaded = load_offline_in_a_new_process(store, uri)
     assert loaded["torch"] is False and loaded["transformers"] is False
-    got = np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in loaded["probabilities"]])
-    np.testing.assert_allclose(got, store["expected"], atol=1e-4)  # fp32: the same model
+    np.testing.assert_allclose(loaded["probabilities"], store["expected"], atol=1e-4)  # fp32: the same model
 
     with scoring_server(uri, store["uri"], store["folder"]) as url:
         records = ROWS.head(5).astype(object).where(ROWS.head(5).notna(), None).to_dict(orient="records")
@@ -100,6 +122,24 @@ def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encod
         assert response.status_code == 200, response.text
         served = np.array([[row["probabilities"][tag] for tag in CLASS_TO_INDEX] for row in response.json()["predictions"]])
         np.testing.assert_allclose(served, store["expected"][:5], atol=1e-4)
+
+
+def test_an_onnx_file_that_is_not_the_model_is_refused(tmp_path, tiny_encoder):
+    """The export check compares the ONNX file with the torch model on real rows: another model's file fails it."""
+    from transformers import AutoConfig
+
+    from mlflow_model.checkpoint import load_finetuned
+    from mlflow_model.predictor import load_predictor
+    from tagger.onnx_build import ExportCheckError, build_onnx, check_export
+
+    models = [load_finetuned(build_tiny_checkpoint(tmp_path / f"c{seed}", tiny_encoder, seed), tiny_encoder) for seed in (7, 8)]
+    with load_predictor(tmp_path / "c7", tiny_encoder, PredictorConfig()) as predictor:
+        token_ids = predictor.preprocess(ROWS)
+    batches = [token_ids[i : i + 16] for i in range(0, len(token_ids), 16)]
+    onnx_file = build_onnx(models[0], AutoConfig.from_pretrained(tiny_encoder), tmp_path / "onnx", "fp32", batches)
+    assert check_export(models[0], onnx_file, batches) <= 1e-4
+    with pytest.raises(ExportCheckError, match=r"disagrees with the torch fp32 model \(max \|probability difference\| "):
+        check_export(models[1], onnx_file, batches)
 
 
 def test_a_build_that_does_not_exist_is_refused_with_the_builds_that_do(store, tiny_encoder):

@@ -53,6 +53,7 @@ def change_label_map(path: Path) -> None:
 
 TAMPERINGS = {
     "changed: checkpoint/model.safetensors": lambda root: flip_bytes(root / "checkpoint" / "model.safetensors"),
+    "changed: checkpoint/model.torchscript": lambda root: flip_bytes(root / "checkpoint" / "model.torchscript"),
     "missing: encoder/tokenizer.json": lambda root: (root / "encoder" / "tokenizer.json").unlink(),
     "unexpected: encoder/extra.txt": lambda root: (root / "encoder" / "extra.txt").write_text("x"),
     "changed: checkpoint/class_to_index.json": lambda root: change_label_map(root / "checkpoint" / "class_to_index.json"),
@@ -73,4 +74,4 @@ def test_a_clean_package_loads_and_verifies(packaged_folder):
     model = mlflow.pyfunc.load_model(str(packaged_folder))
     assert len(model.predict(ROWS)) == 2
     outcome = CliRunner().invoke(cli, ["verify", "--model-uri", str(packaged_folder)])
-    assert outcome.exit_code == 0 and "6 artifact files match" in outcome.output, outcome.output
+    assert outcome.exit_code == 0 and "7 artifact files match" in outcome.output, outcome.output

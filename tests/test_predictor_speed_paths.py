@@ -75,6 +75,31 @@ def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder
         )
 
 
+def test_the_trace_saved_at_packaging_runs_with_the_checkpoint_weights(tmp_path, tiny_checkpoint, tiny_encoder, caplog):
+    """The saved trace holds the graph, not the weights; one that cannot be used is replaced by a trace made at load."""
+    import torch
+
+    from mlflow_model.checkpoint import load_finetuned
+    from mlflow_model.config import TRACE_FILE
+    from mlflow_model.traced import save_trace
+
+    rows = varied_rows(30, seed=6)
+    expected = predictor(tiny_checkpoint, tiny_encoder, trace=False).predict_proba(rows)
+    other = build_tiny_checkpoint(tmp_path / "other", tiny_encoder, seed=1)  # same shapes, other weights
+    save_trace(load_finetuned(other, tiny_encoder), tiny_checkpoint)
+    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
+        saved = predictor(tiny_checkpoint, tiny_encoder)
+    assert isinstance(saved.engine.model, torch.jit.ScriptModule) and not caplog.text
+    np.testing.assert_allclose(saved.predict_proba(rows), expected, atol=1e-5, rtol=0)  # this checkpoint's weights
+
+    (tiny_checkpoint / TRACE_FILE).write_bytes(b"not a TorchScript archive")
+    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
+        fallback = predictor(tiny_checkpoint, tiny_encoder)
+    assert "not using the saved trace" in caplog.text
+    assert isinstance(fallback.engine.model, torch.jit.ScriptModule)  # traced at load instead
+    np.testing.assert_allclose(fallback.predict_proba(rows), expected, atol=1e-5, rtol=0)
+
+
 def test_a_model_whose_trace_differs_runs_eagerly(caplog):
     """Python control flow on the input's shape freezes in a trace: the load check sees it and keeps eager."""
     import torch
@@ -91,7 +116,7 @@ def test_a_model_whose_trace_differs_runs_eagerly(caplog):
             return self.head(x * 2 if input_ids.shape[1] > 8 else x)  # traced at width 6: branch frozen
 
     model = ShapeDependent()
-    with caplog.at_level("WARNING", logger="mlflow_model.engines"):
+    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
         engine = TorchEngine(model)
     assert engine.model is model
     assert "its trace differs from it" in caplog.text

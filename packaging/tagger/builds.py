@@ -61,6 +61,15 @@ def onnx_artifacts(reference: dict[str, str], out_dir: str | Path, precision: st
     return {CHECKPOINT_ARTIFACT: str(checkpoint), ENCODER_ARTIFACT: str(encoder)}
 
 
+def save_reference_trace(artifacts: dict[str, str]) -> None:
+    """torch fp32: trace the model once here and ship the trace, so the served model loads without transformers."""
+    from mlflow_model.traced import save_trace
+
+    checkpoint = artifacts[CHECKPOINT_ARTIFACT]
+    if save_trace(load_finetuned(checkpoint, artifacts[ENCODER_ARTIFACT]), checkpoint) is None:
+        logger.warning("no trace shipped: the served model will build the model with transformers and run it eagerly")
+
+
 def weighted_f1(artifacts: dict[str, str], config: PredictorConfig, frame: pd.DataFrame) -> float:
     """Weighted F1 of one build of the staged model on a labelled frame."""
     with load_predictor(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:

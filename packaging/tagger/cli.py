@@ -140,7 +140,8 @@ def cli(verbose: bool) -> None:
 @setting("--precision", PredictorConfig, click.Choice(PRECISIONS),
          help="fp32, bf16 (torch) or int8; a build other than torch fp32 gets its F1 change measured and tagged.")
 @setting("--trace", PredictorConfig, click.BOOL,
-         help="torch builds: run a TorchScript trace of the model, made and checked at load (false: run it eagerly).")
+         help="torch builds: run a TorchScript trace of the model, checked against it (fp32: traced here and "
+              "shipped, so serving needs no transformers; bf16/int8: traced at load). false: run it eagerly.")
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
-from tagger.builds import accuracy_change, check_build, f1_metrics, is_reference, onnx_artifacts
+from tagger.builds import accuracy_change, check_build, f1_metrics, is_reference, onnx_artifacts, save_reference_trace
 from tagger.bundle import INPUT_EXAMPLE, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
@@ -37,6 +37,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
             config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
         artifacts = reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
+        if is_reference(config.predictor) and config.predictor.trace:
+            save_reference_trace(artifacts)
         if config.predictor.engine == "onnx":
             rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
             artifacts = onnx_artifacts(reference, f"{tmp}/onnx-model", config.predictor.precision, rows)
