@@ -248,7 +248,8 @@ def in_process_single_row_ms(model_uri: str, rows: list[dict[str, Any]], count: 
     return round(float(np.median(times)) * 1000, 2)
 
 
-def local_copy(model_uri: str, folder: Path) -> tuple[str, float | None]:
+@contextmanager
+def local_copy(model_uri: str) -> Iterator[tuple[str, float | None]]:
     """The model as a local folder, and the seconds its download took (None for a folder already).
 
     Both servers then start from a local folder: ready time is the server's own start-up, and the
@@ -257,25 +258,19 @@ def local_copy(model_uri: str, folder: Path) -> tuple[str, float | None]:
     import mlflow
 
     if Path(model_uri).is_dir():
-        return model_uri, None
-    started = time.perf_counter()
-    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder))
-    return local, round(time.perf_counter() - started, 2)
+        yield model_uri, None
+        return
+    with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
+        started = time.perf_counter()
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        yield local, round(time.perf_counter() - started, 2)
 
 
 def bench_server(label: str, model_uri: str, options: dict, bodies: list[bytes], workdir: Path) -> dict:
     """Serve one model from a local folder and measure it: ready time, RSS, then 1 and N concurrent clients."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / f"server-{len(list(workdir.glob('server-*.log')))}.log"
-    with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
-        folder, download_s = local_copy(model_uri, Path(tmp))
-        return measure_server(label, model_uri, folder, download_s, options, bodies, log_file)
-
-
-def measure_server(label: str, model_uri: str, folder: str, download_s: float | None, options: dict,
-                   bodies: list[bytes], log_file: Path) -> dict:
-    """Serve the model folder: ready time, RSS, then 1 and N concurrent clients."""
-    with served(folder, options["tracking_uri"], log_file) as server:
+    with local_copy(model_uri) as (folder, download_s), served(folder, options["tracking_uri"], log_file) as server:
         result = {"label": label, "model_uri": model_uri, "download_s": download_s, "log": str(log_file)}
         result["ready_s"] = round(wait_ready(server, options["ready_timeout"]), 2)
         result.update(rss_mb(server["process"]))

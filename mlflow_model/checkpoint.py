@@ -141,7 +141,7 @@ def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> Finet
     with no_init_weights():  # every weight comes from the checkpoint: no random init to throw away
         model = build_model(AutoConfig.from_pretrained(encoder_dir, local_files_only=True), checkpoint.args)
     try:
-        missing, unexpected = model.load_state_dict(_as_model_dtypes(checkpoint.state_dict, model), strict=False,
+        missing, unexpected = model.load_state_dict(as_model_dtypes(checkpoint.state_dict, model), strict=False,
                                                     assign=True)
     except RuntimeError as error:  # tensor shapes differ: another encoder than the one trained
         raise CheckpointError(f"weights in {checkpoint_dir} do not fit the encoder in {encoder_dir}: {error}") from error
@@ -153,7 +153,7 @@ def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> Finet
     return model.eval()
 
 
-def _as_model_dtypes(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def as_model_dtypes(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tensor in its parameter's dtype: assign=True keeps the tensor it is given."""
     expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
     return {name: t.to(expected[name]) if name in expected and t.dtype != expected[name] else t

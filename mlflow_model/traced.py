@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mlflow_model.checkpoint import read_state_dict
+from mlflow_model.checkpoint import as_model_dtypes, read_state_dict
 from mlflow_model.config import TRACE_FILE
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,11 @@ def load_trace(checkpoint_dir: str | Path) -> torch.jit.ScriptModule | None:
     try:
         traced = torch.jit.load(str(path), map_location="cpu")
         weights = read_state_dict(Path(checkpoint_dir))
-        expected = dict(traced.named_parameters())
-        if weights.keys() != expected.keys():
-            raise ValueError(f"its parameters are not the weights': {sorted(weights.keys() ^ expected.keys())[:5]}")
-        weights = {name: t.to(expected[name].dtype) for name, t in weights.items()}
-        traced.load_state_dict(weights, strict=False, assign=True)  # shapes checked; the mapped tensors themselves
+        parameters = {name for name, _ in traced.named_parameters()}
+        if weights.keys() != parameters:
+            raise ValueError(f"its parameters are not the weights': {sorted(weights.keys() ^ parameters)[:5]}")
+        # shapes checked; the mapped tensors themselves become the parameters
+        traced.load_state_dict(as_model_dtypes(weights, traced), strict=False, assign=True)
     except Exception as error:  # noqa: BLE001 - the weights are still there: build and trace the model instead
         logger.warning("not using the saved trace %s (%s: %s): tracing the model at load", path, type(error).__name__, error)
         return None
