@@ -11,7 +11,9 @@ the uvicorn worker and of the `mlflow` CLI process beside it, then 1 client and 
 concurrent clients sending single-row `dataframe_records` requests for --seconds (at most
 --max-requests each): rows/s, p50/p99 ms, errors, and mismatches against the answer the same
 server gave for that row alone, sent sequentially before the load. Prints a markdown table with
-ratios to the do-nothing server and the issue's targets, and writes JSON.
+ratios to the do-nothing server and the issue's targets, and writes JSON. With --rounds N, all of
+that N times in turn, each model paired with the do-nothing server of its round (this VM's speed
+drifts within minutes), then a summary of the medians over the rounds.
 """
 from __future__ import annotations
 
@@ -340,6 +342,27 @@ def markdown(results: list[dict], clients: str) -> str:
     return "\n".join(lines)
 
 
+def summary(rounds: list[list[dict]], clients: str) -> str:
+    """Per model, over the rounds: median (and range) of its figures against the do-nothing server of each round."""
+    lines = ["", f"over {len(rounds)} rounds, each model against the do-nothing server of its round: median (min - max)",
+             "", f"| server | rows/s @{clients} x noop | 1 client p50 - noop ms | ready - noop s | worker RSS MB "
+             "| RSS after load MB | rounds with every target met |", "|---|---|---|---|---|---|---|"]
+
+    def spread(values: list[float], digits: int) -> str:
+        return f"{np.median(values):.{digits}f} ({min(values):.{digits}f} - {max(values):.{digits}f})"
+
+    for index, label in enumerate(r["label"] for r in rounds[0][1:]):
+        pairs = [(results[0], results[index + 1]) for results in rounds]
+        ratio = [m["load"][clients]["rows_per_s"] / n["load"][clients]["rows_per_s"] for n, m in pairs]
+        p50 = [m["load"]["1"]["p50_ms"] - n["load"]["1"]["p50_ms"] for n, m in pairs]
+        ready = [m["ready_s"] - n["ready_s"] for n, m in pairs]
+        met = sum(all(m["targets"].values()) for _, m in pairs)
+        lines.append(f"| {label} | {spread(ratio, 2)} | {spread(p50, 1)} | {spread(ready, 1)} | "
+                     f"{spread([m['worker_rss_mb'] for _, m in pairs], 0)} | "
+                     f"{spread([m['after_load']['worker_rss_mb'] for _, m in pairs], 0)} | {met} of {len(pairs)} |")
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--tracking-uri", required=True, help="MLflow tracking/registry URI the models:/ URIs resolve against.")
 @click.option("--model-uri", "model_uris", multiple=True, required=True, help="Model to serve (repeatable).")
@@ -350,9 +373,12 @@ def markdown(results: list[dict], clients: str) -> str:
 @click.option("--ready-timeout", default=180.0, show_default=True, help="Give up waiting for /ping after this long.")
 @click.option("--in-process/--no-in-process", default=True, show_default=True,
               help="Also time pyfunc predict of one row in this process (the 1-client target needs it).")
+@click.option("--rounds", default=1, show_default=True,
+              help="Serve the do-nothing pyfunc and every model this many times, in turn: ratios pair each "
+                   "model with the do-nothing server of its round, and a summary gives their medians.")
 @click.option("--out", default="outputs/serving.json", show_default=True, help="JSON results file.")
 def main(tracking_uri: str, model_uris: tuple[str, ...], csv: str, seconds: float, clients: int,
-         max_requests: int, ready_timeout: float, in_process: bool, out: str) -> None:
+         max_requests: int, ready_timeout: float, in_process: bool, rounds: int, out: str) -> None:
     """Benchmark `mlflow models serve` of each model against a do-nothing pyfunc."""
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     rows = load_rows(csv)
@@ -361,16 +387,21 @@ def main(tracking_uri: str, model_uris: tuple[str, ...], csv: str, seconds: floa
                "max_requests": max_requests, "ready_timeout": ready_timeout}
     load_before = os.getloadavg()
     logs = Path(out).parent / "serving-logs"  # server logs are kept: read them when a server fails
+    timings = {uri: in_process_single_row_ms(uri, rows) if in_process else None for uri in dict.fromkeys(model_uris)}
+    all_rounds = []
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
-        results = [bench_server(NOOP_LABEL, save_noop_model(Path(tmp) / "noop"), options, bodies, logs)]
-        for uri in model_uris:
-            timing = in_process_single_row_ms(uri, rows) if in_process else None
-            results.append({**bench_server(uri, uri, options, bodies, logs), "in_process_ms": timing})
-    for result in results[1:]:
-        result["targets"] = targets(result, results[0], str(clients))
-    print(markdown(results, str(clients)))
+        noop_uri = save_noop_model(Path(tmp) / "noop")
+        for _ in range(rounds):
+            results = [bench_server(NOOP_LABEL, noop_uri, options, bodies, logs)]
+            results += [{**bench_server(uri, uri, options, bodies, logs), "in_process_ms": timings[uri]} for uri in model_uris]
+            for result in results[1:]:
+                result["targets"] = targets(result, results[0], str(clients))
+            print(markdown(results, str(clients)), flush=True)
+            all_rounds.append(results)
+    if rounds > 1:
+        print(summary(all_rounds, str(clients)))
     report = {"rows": len(rows), "cpus": psutil.cpu_count(), "loadavg_before": load_before,
-              "loadavg_after": os.getloadavg(), "options": options, "servers": results}
+              "loadavg_after": os.getloadavg(), "options": options, "rounds": all_rounds, "servers": all_rounds[0]}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

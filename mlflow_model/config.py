@@ -22,6 +22,10 @@ ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
 ENGINES = ("torch", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
+# oneDNN kernels a torch process keeps compiled, per precision: what one forward pass reuses across its layers on
+# each inference thread (fp32/int8: GELU's, one per batch shape; bf16 also runs its matmuls on oneDNN). oneDNN's
+# default, 1024, kept one kernel (about 4 MB here) per batch shape the server had seen: memory grew with traffic.
+ONEDNN_CACHED_KERNELS = {"fp32": 4, "int8": 4, "bf16": 32}
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
 _LOWEST = {
     "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),

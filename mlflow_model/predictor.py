@@ -19,7 +19,7 @@ import pandas as pd
 from mlflow_model.batching import batched_logits, softmax
 from mlflow_model.checkpoint import read_args, read_class_to_index
 from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig, is_number_in
-from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, usable_cores
+from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, bound_onednn_cache, usable_cores
 from mlflow_model.errors import CheckpointError, InvalidInputError
 from mlflow_model.inference import InferenceThread
 from mlflow_model.preprocess import checked_texts, load_tokenizer, prepare_texts, tokenize
@@ -183,6 +183,7 @@ class TorchPredictor(Predictor):
 
         def build_engine() -> TorchEngine:
             """The model from the checkpoint, loaded by the thread that will run it."""
+            bound_onednn_cache(config.precision)
             import torch
 
             from mlflow_model.checkpoint import load_finetuned

@@ -1,6 +1,10 @@
 """The fast paths change speed, not answers: length-sorted batches, and int8 with its measured cost."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -168,3 +172,30 @@ def test_int8_packaging_without_a_labelled_csv_says_not_measured(tmp_path, tiny_
     version = package_best_run(config)
     assert version.tags["accuracy.f1_delta"] == "not measured" and "accuracy.reference_f1" not in version.tags
     assert "no labelled CSV" in caplog.text
+
+
+def onednn_cache_misses(checkpoint, encoder, env: dict[str, str]) -> int:
+    """oneDNN kernels compiled (cache misses) in a fresh process predicting 6 rows of distinct lengths, then the first again."""
+    script = f"""
+import pandas as pd
+from mlflow_model.config import PredictorConfig
+from mlflow_model.predictor import TorchPredictor
+predictor = TorchPredictor.from_directories({str(checkpoint)!r}, {str(encoder)!r}, PredictorConfig())
+titles = [" ".join(["graph"] * n) for n in (2, 5, 8, 11, 14, 17, 2)]
+for title in titles:  # one forward per row: one batch shape per length
+    predictor.predict(pd.DataFrame({{"title": [title], "description": [""]}}))
+"""
+    run_env = {key: value for key, value in os.environ.items() if not key.startswith("ONEDNN_")}
+    run_env.update(ONEDNN_VERBOSE="2", **env)
+    output = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, check=True)
+    created = [line for line in output.stdout.splitlines() if line.startswith("onednn_verbose") and ",create:" in line]
+    assert created and all("eltwise_gelu" in line for line in created)  # GELU is what an fp32 forward runs on oneDNN
+    return sum(",create:cache_miss," in line for line in created)
+
+
+def test_onednn_keeps_a_bounded_number_of_kernels(tiny_checkpoint, tiny_encoder):
+    """oneDNN's default cache kept a kernel per batch shape forever (memory grew with traffic); the predictor caps it."""
+    kept = onednn_cache_misses(tiny_checkpoint, tiny_encoder, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
+    capped = onednn_cache_misses(tiny_checkpoint, tiny_encoder, {})
+    assert kept >= 6  # oneDNN's own default: one kernel per new shape, and the repeated shape found cached
+    assert capped == kept + 1  # capped: the first row's shape, 5 shapes back, was evicted and compiled again
