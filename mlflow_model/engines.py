@@ -43,9 +43,10 @@ def usable_cores() -> int:
 def bound_onednn_cache(precision: str) -> None:
     """Cap oneDNN's kernel cache before torch first runs it, so that memory stays flat under varied batch shapes.
 
-    oneDNN compiles a kernel per input shape and caches up to 1024 of them: a served fp32 model grew by
-    ~4 MB per new batch shape (262 MB over 300 shapes here, at the same speed as with 4 cached). oneDNN
-    reads the setting once, at its first use in the process; a value the user set is kept.
+    oneDNN compiles a kernel per input shape and caches up to 1024 of them, ~4 MB each here: over 600
+    requests of varied sizes a model grew by 318 MB and kept growing, against 114 MB and flat with 4
+    cached, at the same speed (benchmarks/memory.py). oneDNN reads the setting once, at its first use
+    in the process (the first predictor loaded sets it for the process); a value the user set is kept.
     """
     capacity = ONEDNN_CACHED_KERNELS.get(precision, max(ONEDNN_CACHED_KERNELS.values()))
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
