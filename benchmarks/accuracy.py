@@ -31,12 +31,12 @@ TARGET_MINUTES = 5.0
 
 def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) -> dict:
     """Weighted and per-class scores of a checkpoint on a labelled CSV."""
-    from mlflow_model.predictor import TorchPredictor
+    from mlflow_model.predictor import Predictor
     from tagger.data import load_data
     from tagger.metrics import per_class_scores, scores
 
     holdout = load_data(holdout_csv)
-    predictor = TorchPredictor.from_directories(checkpoint_dir, base_model)
+    predictor = Predictor.from_directories(checkpoint_dir, base_model)
     started = time.perf_counter()
     predicted = list(predictor.predict(holdout)["prediction"])
     predict_seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlflow_model.errors import CheckpointError
 
@@ -45,11 +45,6 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     args: ModelArgs
     class_to_index: dict[str, int]
-
-    @property
-    def index_to_class(self) -> list[str]:
-        """Tag of each output index."""
-        return [tag for tag, _ in sorted(self.class_to_index.items(), key=lambda item: item[1])]
 
 
 def _read_json(path: Path) -> dict:
@@ -113,8 +108,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
 
 
-def read_checkpoint(folder: str | Path) -> Checkpoint:
-    """Load a checkpoint folder and check that its parts agree."""
+def read_labels(folder: str | Path) -> tuple[ModelArgs, dict[str, int]]:
+    """args.json and the label map of a checkpoint folder, checked against each other (no weights read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -123,7 +118,35 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{folder}: args.json says num_classes={args.num_classes} but the label map has {len(labels)} tags"
         )
-    return Checkpoint(read_state_dict(folder), args, labels)
+    return args, labels
+
+
+def index_to_class(folder: str | Path) -> list[str]:
+    """Tag of each output index, from the checkpoint's label map (checked against args.json)."""
+    _, labels = read_labels(folder)
+    return [tag for tag, _ in sorted(labels.items(), key=lambda item: item[1])]
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Load a checkpoint folder and check that its parts agree."""
+    args, labels = read_labels(folder)
+    return Checkpoint(read_state_dict(Path(folder)), args, labels)
+
+
+def encoder_settings(encoder_dir: str | Path) -> dict[str, Any]:
+    """The encoder's config.json (pad id, position limit, heads) as a dict, read without transformers."""
+    return _read_json(Path(encoder_dir) / "config.json")
+
+
+def encoder_max_length(encoder_dir: str | Path) -> int:
+    """Longest input the encoder takes: its tokenizer's limit, capped by its position embeddings."""
+    limits = [encoder_settings(encoder_dir).get("max_position_embeddings") or 512]
+    tokenizer_config = Path(encoder_dir) / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        limit = _read_json(tokenizer_config).get("model_max_length")
+        if isinstance(limit, int) and limit < 10**6:  # transformers writes 1e30 for "no limit"
+            limits.append(limit)
+    return int(min(limits))
 
 
 def load_finetuned(checkpoint_dir: str | Path, encoder_dir: str | Path) -> FinetunedLLM:

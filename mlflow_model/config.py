@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow_model.errors import ConfigError
+from mlflow_model.engines import build_problem
+from mlflow_model.errors import ConfigError, InvalidInputError
 
 FALLBACK_TAG = "other"
 CHECKPOINT_ARTIFACT = "checkpoint"  # model artifact: weights + args.json + label map
@@ -20,12 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor
 TRACE_FILE = "model.torchscript"  # in the checkpoint artifact of a torch fp32 build: its trace, without weights
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
-ENGINES = ("torch", "onnx")
-PRECISIONS = ("fp32", "bf16", "int8")
-# oneDNN kernels a torch process keeps compiled, per precision: what one forward pass reuses across its layers on
-# each inference thread (fp32/int8: GELU's, one per batch shape; bf16 also runs its matmuls on oneDNN). oneDNN's
-# default, 1024, kept one kernel (about 4 MB here) per batch shape the server had seen: memory grew with traffic.
-ONEDNN_CACHED_KERNELS = {"fp32": 4, "int8": 4, "bf16": 32}
+BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
 _LOWEST = {
     "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
@@ -39,19 +36,40 @@ def is_number_in(value: Any, lowest: float, highest: float = math.inf, whole: bo
     return isinstance(value, kind) and not isinstance(value, bool) and lowest <= value <= highest
 
 
+REQUEST_PARAMS = ("threshold", "batch_size", "bad_rows")  # settings a request may override (the signature's params)
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a value of a numeric or choice setting (a request param too), or None: the one rule."""
+    if name == "threshold":
+        return None if is_number_in(value, 0.0, 1.0) else f"must be a number between 0 and 1, got {value!r}"
+    if name == "bad_rows":
+        return None if value in BAD_ROWS else f"must be one of {list(BAD_ROWS)}, got {value!r}"
+    lowest, whole = _LOWEST[name]
+    if is_number_in(value, lowest, whole=whole):
+        return None
+    return f"must be {'a whole number' if whole else 'a number'} >= {lowest:g}, got {value!r}"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (respects CPU affinity, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     """How the served model predicts; stored in the model at packaging time."""
 
-    threshold: float = 0.0  # below this top probability the tag becomes fallback_tag
-    batch_size: int = 64
+    threshold: float = 0.0  # below this top probability the tag becomes fallback_tag (also a request param)
+    batch_size: int = 64  # rows per forward pass (also a request param)
+    bad_rows: str = "refuse"  # one of BAD_ROWS (also a request param): batch jobs report, online requests refuse
     max_length: int | None = None  # None: the encoder's own limit
     num_threads: int | None = None  # intra-op threads of each inference thread (None: 1)
     inference_threads: int | None = None  # threads running forward passes side by side (None: cores // num_threads)
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
-    engine: str = "torch"  # one of ENGINES: torch (the reference) or onnx (ONNX Runtime)
-    precision: str = "fp32"  # one of PRECISIONS: fp32, bf16 (torch), int8 (dynamic int8 Linear layers)
-    trace: bool = True  # torch: run a TorchScript trace of the model (saved at packaging for fp32; eager if it differs)
+    engine: str = "torch"  # an engine of mlflow_model.engines.ENGINES: torch (the reference) or onnx (ONNX Runtime)
+    precision: str = "fp32"  # one of the engine's precisions: fp32, bf16 (torch), int8 (dynamic int8)
+    forward: str | None = None  # the forward path the build runs, recorded at packaging (see the engine's module)
     max_batch_rows: int = 32  # an inference thread runs at most this many rows of waiting requests at once
     max_wait_ms: float = 2.0  # ...and waits at most this long after the first for more to arrive
     timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)
@@ -61,15 +79,33 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         """Refuse a value the predictor cannot run with, naming the setting (a model_config at load included)."""
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        for name, (lowest, whole) in _LOWEST.items():
+        for name in (*_LOWEST, *REQUEST_PARAMS):
             value = getattr(self, name)
-            if value is None and defaults[name] is None:
-                continue
-            if not is_number_in(value, lowest, whole=whole):
-                kind = "a whole number" if whole else "a number"
-                raise ConfigError(f"predictor setting {name!r} must be {kind} >= {lowest:g}, got {value!r}")
-        if not is_number_in(self.threshold, 0.0, 1.0):
-            raise ConfigError(f"predictor setting 'threshold' must be a number between 0 and 1, got {self.threshold!r}")
+            if not (value is None and defaults[name] is None) and (problem := value_problem(name, value)):
+                raise ConfigError(f"predictor setting {name!r} {problem}")
+        if problem := build_problem(self.engine, self.precision, self.forward):
+            raise ConfigError(f"predictor settings engine/precision/forward: {problem}")
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Threads each inference thread's engine runs one forward pass on: as asked, else 1."""
+        return self.num_threads or 1
+
+    @property
+    def thread_count(self) -> int:
+        """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default)."""
+        return self.inference_threads or max(1, usable_cores() // self.intra_op_threads)
+
+    def with_params(self, params: dict[str, Any] | None) -> PredictorConfig:
+        """This config with a request's params applied; InvalidInputError naming a bad or unknown param."""
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(REQUEST_PARAMS))
+        if unknown:
+            raise InvalidInputError(f"unknown param(s) {unknown}; this model takes {list(REQUEST_PARAMS)}")
+        for name, value in given.items():
+            if problem := value_problem(name, value):
+                raise InvalidInputError(f"param {name!r} {problem}")
+        return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as MLflow stores `model_config`."""
@@ -78,5 +114,8 @@ class PredictorConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PredictorConfig:
         """Rebuild from `context.model_config`, ignoring keys a newer version may add."""
+        values = dict(values or {})
+        if values.get("trace") is False and "forward" not in values:  # packaged before forward paths were recorded
+            values["forward"] = "eager"
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (values or {}).items() if k in names})
+        return cls(**{k: v for k, v in values.items() if k in names})

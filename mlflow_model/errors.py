@@ -1,12 +1,13 @@
-"""Typed errors of the served model, with messages a user can act on.
+"""Typed errors of the served model, one class per cause, with messages a user can act on.
 
 They subclass MlflowException so that the MLflow scoring server answers them with their own
-message and HTTP status (400 for bad input) instead of a generic error with a traceback.
+message and HTTP status (400 for bad input, 500 for a failed forward pass) instead of a generic
+error with a traceback.
 """
 from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 
 class TaggerError(MlflowException):
@@ -22,9 +23,23 @@ class InvalidInputError(TaggerError):
     """A prediction request has a bad column, value or parameter (HTTP 400)."""
 
 
-class CheckpointError(TaggerError):
-    """A checkpoint folder is missing a file or its files disagree with each other."""
-
-
 class ConfigError(TaggerError):
     """A predictor setting (given at packaging or as `model_config` at load) has a value it cannot run with."""
+
+
+class CheckpointError(TaggerError):
+    """A model's files are missing, unreadable or disagree with each other, or its forward path cannot run."""
+
+
+class IntegrityError(CheckpointError):
+    """A model's files differ from the manifest recorded when it was packaged."""
+
+
+class BuildError(TaggerError):
+    """A build (engine x precision) could not be made, or failed its check against the torch fp32 model."""
+
+
+class InferenceError(TaggerError):
+    """A forward pass failed or did not answer in time (HTTP 500, message without traceback)."""
+
+    error_code = INTERNAL_ERROR

@@ -1,16 +1,15 @@
-"""One inference thread per loaded model: it runs every forward pass, on rows gathered from waiting requests.
+"""Inference threads: they run every forward pass, on rows gathered from waiting requests.
 
-Server threads call `submit`; the thread gathers the rows of all waiting requests (up to
+Server threads call `submit`; an inference thread gathers the rows of all waiting requests (up to
 `max_batch_rows`, waiting at most `max_wait_ms` after the first) into one `forward` call, like
-Ray Serve's @serve.batch or Triton's dynamic batcher. One thread, so one OpenMP team: the
-cores are not oversubscribed by many concurrent single-row passes. The thread waits for more
-rows only while requests overlap (its last batch served several): a lone client is never delayed.
-The `warmup` hook runs first, on the (first) thread: the predictor builds its engine there, so that
-a thread that loads the weights also runs them (torch gives each thread that runs a parallel kernel
-its own OpenMP team; an idle loader's team beside the serving one doubled the single-row time).
-With `threads` > 1, several threads take batches from the one queue and run them side by side,
-each with one intra-op thread: no OpenMP barriers that a busy server thread can stall (1.2-1.45x
-the rows/s of one thread running two intra-op threads at 32 concurrent clients, here).
+Ray Serve's @serve.batch or Triton's dynamic batcher. The thread waits for more rows only while
+requests overlap (its last batch served several): a lone client is never delayed. There is one
+inference thread per core by default (`PredictorConfig.thread_count`), each running its engine on
+one intra-op thread: they take batches from the one queue side by side, with no OpenMP barriers
+that a busy server thread could stall. The `warmup` hook runs first, on the first thread: the
+predictor builds its engine there, so that the thread that loads the weights also runs them
+(torch gives each thread that runs a parallel kernel its own OpenMP team; an idle loader's team
+beside the serving ones would cost cores).
 """
 from __future__ import annotations
 
@@ -21,19 +20,12 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
-
-from mlflow_model.errors import TaggerError
+from mlflow_model.config import PredictorConfig
+from mlflow_model.errors import InferenceError, TaggerError
 
 Forward = Callable[[list[list[int]], int], np.ndarray]
 _STOP = object()  # queue sentinel: the thread ends when it reaches it
 _log = logging.getLogger(__name__)
-
-
-class InferenceError(TaggerError):
-    """A forward pass failed or did not answer in time (HTTP 500, message without traceback)."""
-
-    error_code = INTERNAL_ERROR
 
 
 class _Request:
@@ -81,22 +73,16 @@ class InferenceThread:
     def __init__(
         self,
         forward: Forward,
-        max_batch_rows: int = 32,
-        max_wait_ms: float = 2.0,
-        timeout_s: float = 30.0,
+        config: PredictorConfig | None = None,
         warmup: Callable[[], None] | None = None,
         name: str = "tagger-inference",
-        micro_batch_rows: int | None = None,
         warmup_timeout_s: float = 600.0,
-        threads: int = 1,
     ) -> None:
-        if max_batch_rows < 1 or max_wait_ms < 0 or min(timeout_s, warmup_timeout_s) <= 0 or (micro_batch_rows or 1) < 1:
-            raise ValueError("need max_batch_rows >= 1, max_wait_ms >= 0, timeouts > 0 and micro_batch_rows >= 1")
-        if threads < 1:
-            raise ValueError(f"need at least one inference thread, got {threads}")
-        self.forward, self.max_batch_rows = forward, max_batch_rows
-        self.micro_batch_rows = micro_batch_rows  # cap on forward's batch_size (None: the requests' own)
-        self.max_wait_s, self.timeout_s = max_wait_ms / 1000.0, timeout_s
+        """Start the threads; `config` gives max_batch_rows, max_wait_ms, timeout_s and the thread count."""
+        config = config or PredictorConfig()
+        self.forward, self.max_batch_rows = forward, config.max_batch_rows
+        self.max_wait_s, self.timeout_s = config.max_wait_ms / 1000.0, config.timeout_s
+        threads = config.thread_count
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders submit's puts against close's sentinel
         self._closed = False
@@ -211,7 +197,7 @@ class InferenceThread:
         token_ids = [ids for chunk in batch for ids in chunk.rows]
         try:
             batch_size = min(chunk.request.batch_size for chunk in batch)
-            probabilities = self.forward(token_ids, min(batch_size, self.micro_batch_rows or batch_size))
+            probabilities = self.forward(token_ids, batch_size)
             if len(probabilities) != len(token_ids):
                 raise ValueError(f"forward returned {len(probabilities)} rows for {len(token_ids)}")
         except Exception as error:  # noqa: BLE001 - fails this batch only; the thread keeps serving

@@ -28,4 +28,8 @@ def build_model(encoder_config: object, args: ModelArgs) -> FinetunedLLM:
     """An untrained FinetunedLLM whose encoder has the given transformers config."""
     from transformers import AutoModel
 
-    return FinetunedLLM(AutoModel.from_config(encoder_config), args)
+    encoder = AutoModel.from_config(encoder_config)
+    # The classifier computes its own loss. Unset, transformers' loss_function property warns "loss_type=None
+    # ... unrecognized" whenever it is read, which torch.jit.trace does for every attribute of the module.
+    encoder.loss_function = None
+    return FinetunedLLM(encoder, args)

@@ -1,15 +1,17 @@
-"""The predictor: preprocess -> forward -> postprocess, the three steps of a prediction.
+"""The predictor: preprocess -> forward -> postprocess, the three steps of every prediction.
 
-`Predictor` is engine-agnostic: it validates, cleans and tokenizes rows on the caller's thread,
-runs the token ids through its engine on its inference threads (which batch the rows of
-concurrent requests; the first builds the engine, so no idle loading thread keeps an OpenMP
-team of its own), and turns probabilities into tags. `TorchPredictor` (the reference and the default) and
-`OnnxPredictor` only differ in the engine they build from the model's files.
+One predict path serves every caller: the pyfunc (online, through `mlflow models serve` or
+`load_model`) and batch jobs (Ray Data actors calling the same pyfunc). The request is checked
+once, in `preprocess`: the table, its size, each row, and the request's params against the
+settings' one rule (`PredictorConfig.with_params`). A bad row either refuses the whole request
+(`bad_rows="refuse"`, online) or is reported in an `error` column and not predicted
+(`bad_rows="report"`, batch). Token ids run through the engine on the inference threads, which
+batch the rows of concurrent requests; the engine is the one the registry names for the build.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,59 +19,25 @@ import numpy as np
 import pandas as pd
 
 from mlflow_model.batching import batched_logits, softmax
-from mlflow_model.checkpoint import read_args, read_class_to_index
-from mlflow_model.config import ONNX_FILE, TOKENIZER_FILE, PredictorConfig, is_number_in
-from mlflow_model.engines import Engine, OnnxEngine, TorchEngine, bound_onednn_cache, usable_cores
-from mlflow_model.errors import CheckpointError, InvalidInputError
+from mlflow_model.checkpoint import encoder_max_length, encoder_settings, index_to_class
+from mlflow_model.config import TOKENIZER_FILE, PredictorConfig
+from mlflow_model.engines import Engine, engine_module
+from mlflow_model.errors import InvalidInputError
 from mlflow_model.inference import InferenceThread
-from mlflow_model.preprocess import checked_texts, load_tokenizer, prepare_texts, tokenize
+from mlflow_model.preprocess import check_table, checked_texts, load_tokenizer, refuse_bad_rows, tokenize
 
 
-def index_to_class(checkpoint_dir: str | Path) -> list[str]:
-    """Tag of each output index, from the checkpoint's label map (checked against args.json)."""
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    labels = read_class_to_index(folder)
-    if len(labels) != read_args(folder).num_classes:
-        raise CheckpointError(
-            f"{folder}: args.json says num_classes={read_args(folder).num_classes} but the label map has {len(labels)} tags"
-        )
-    return [tag for tag, _ in sorted(labels.items(), key=lambda item: item[1])]
+@dataclass
+class Prepared:
+    """What preprocess gives: token ids of the rows to predict, and the problem of each input row (None: fine)."""
 
-
-def encoder_settings(encoder_dir: str | Path) -> dict[str, Any]:
-    """The encoder's config.json (pad id, position limit, heads) as a dict, read without transformers."""
-    path = Path(encoder_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read the encoder config {path}: {error}") from error
-
-
-def encoder_max_length(encoder_dir: str | Path) -> int:
-    """Longest input the encoder takes: its tokenizer's limit, capped by its position embeddings."""
-    limits = [encoder_settings(encoder_dir).get("max_position_embeddings") or 512]
-    tokenizer_config = Path(encoder_dir) / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        limit = json.loads(tokenizer_config.read_text()).get("model_max_length")
-        if isinstance(limit, int) and limit < 10**6:  # transformers writes 1e30 for "no limit"
-            limits.append(limit)
-    return int(min(limits))
-
-
-def intra_op_threads(config: PredictorConfig) -> int:
-    """Threads each inference thread's engine runs one forward pass on: as asked, else 1."""
-    return config.num_threads or 1
-
-
-def inference_threads(config: PredictorConfig) -> int:
-    """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default)."""
-    return config.inference_threads or max(1, usable_cores() // intra_op_threads(config))
+    token_ids: list[list[int]]
+    problems: list[str | None]
+    settings: PredictorConfig  # the model's settings with the request's params applied
 
 
 class Predictor:
-    """Title + description rows -> tag and per-tag probabilities, over any engine."""
+    """Title + description rows -> tag and per-tag probabilities, over any registered engine."""
 
     def __init__(
         self, build_engine: Callable[[], Engine], encoder_dir: str | Path, labels: list[str], config: PredictorConfig
@@ -80,61 +48,67 @@ class Predictor:
         self.tokenizer = load_tokenizer(Path(encoder_dir) / TOKENIZER_FILE, self.max_length)
         self.pad_id = int(encoder_settings(encoder_dir).get("pad_token_id") or 0)
         self.engine: Engine | None = None  # set on the inference thread before __init__ returns
-        self.inference = InferenceThread(
-            self.run_batch, config.max_batch_rows, config.max_wait_ms, config.timeout_s,
-            warmup=lambda: self.start(build_engine), threads=inference_threads(config),
-        )
+        self.inference = InferenceThread(self.run_batch, config, warmup=lambda: self.start(build_engine))
 
-    def preprocess(self, frame: pd.DataFrame) -> list[list[int]]:
-        """Validated, cleaned and tokenized rows (unpadded token ids), in input order."""
-        return tokenize(self.tokenizer, prepare_texts(frame))
+    @classmethod
+    def from_directories(
+        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
+    ) -> Predictor:
+        """The predictor of a build's files (checkpoint folder, encoder folder), offline."""
+        config = config or PredictorConfig()
+        engine = engine_module(config.engine)
+        return cls(lambda: engine.load(checkpoint_dir, encoder_dir, config), encoder_dir,
+                   index_to_class(checkpoint_dir), config)
+
+    def preprocess(self, frame: Any, params: dict[str, Any] | None = None) -> Prepared:
+        """The one gate: params, table, size and rows checked; valid rows cleaned and tokenized, in input order."""
+        settings = self.config.with_params(params)
+        check_table(frame)
+        if settings.max_request_rows is not None and len(frame) > settings.max_request_rows:
+            raise InvalidInputError(
+                f"the request has {len(frame)} rows; this model answers at most {settings.max_request_rows} rows per "
+                f"request (max_request_rows: what it predicts well within the {settings.timeout_s:g} s request "
+                "timeout). Split the request, or tag large inputs with `tagger batch-predict` (Ray Data)."
+            )
+        texts, problems = checked_texts(frame)
+        if settings.bad_rows == "refuse":
+            refuse_bad_rows(problems)
+        valid = [text for text, problem in zip(texts, problems) if problem is None]
+        return Prepared(tokenize(self.tokenizer, valid) if valid else [], problems, settings)
 
     def forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         """Class probabilities per row, in input order, computed on the inference threads."""
+        if not token_ids:
+            return np.empty((0, len(self.index_to_class)), dtype=np.float32)
         return self.inference.submit(token_ids, batch_size)
 
-    def postprocess(self, probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
-        """Top tag per row (the fallback tag under the threshold) and every tag's probability."""
-        best = probabilities.argmax(axis=1)
-        tags = [
-            self.index_to_class[i] if probabilities[row, i] >= threshold else self.config.fallback_tag
-            for row, i in enumerate(best)
-        ]
-        per_tag = [dict(zip(self.index_to_class, map(float, row))) for row in probabilities]
-        return pd.DataFrame({"prediction": tags, "probabilities": per_tag})
+    def postprocess(self, probabilities: np.ndarray, prepared: Prepared) -> pd.DataFrame:
+        """Top tag per row (the fallback tag under the threshold) and every tag's probability.
 
-    def predict_proba(self, frame: pd.DataFrame, batch_size: int | None = None) -> np.ndarray:
-        """Probabilities (rows x tags, columns in index_to_class order)."""
-        size = self._checked_batch_size(batch_size)
-        return self.forward(self.preprocess(frame), size)
-
-    def predict(
-        self, frame: pd.DataFrame, threshold: float | None = None, batch_size: int | None = None
-    ) -> pd.DataFrame:
-        """`prediction` and `probabilities` for each row of a title/description frame."""
-        limit = self._checked_threshold(threshold)
-        return self.postprocess(self.predict_proba(frame, batch_size), limit)
-
-    def predict_valid(
-        self, frame: pd.DataFrame, threshold: float | None = None, batch_size: int | None = None
-    ) -> tuple[pd.DataFrame, list[str | None]]:
-        """Predict the valid rows and say why each other row was refused: in a batch job a bad row fails alone.
-
-        Each row is validated and cleaned once. The predictions have one row per input row (nulls
-        where refused); the problems are None where the row was predicted.
+        With bad_rows="report" the frame also has `error`; a refused row has null prediction and probabilities.
         """
-        limit, size = self._checked_threshold(threshold), self._checked_batch_size(batch_size)
-        texts, problems = checked_texts(frame)
-        valid = [position for position, problem in enumerate(problems) if problem is None]
-        tags: list[str | None] = [None] * len(problems)
-        per_tag: list[dict[str, float] | None] = [None] * len(problems)
-        if valid:
-            probabilities = self.forward(tokenize(self.tokenizer, [texts[i] for i in valid]), size)
-            predicted = self.postprocess(probabilities, limit)
-            for position, tag, row in zip(valid, predicted["prediction"], predicted["probabilities"]):
-                tags[position], per_tag[position] = tag, row
-        columns = {"prediction": tags, "probabilities": per_tag}  # object columns: refused rows stay None
-        return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()}), problems
+        threshold, fallback = prepared.settings.threshold, self.config.fallback_tag
+        best = probabilities.argmax(axis=1)
+        tags = [self.index_to_class[i] if probabilities[row, i] >= threshold else fallback for row, i in enumerate(best)]
+        per_tag = [dict(zip(self.index_to_class, map(float, row))) for row in probabilities]
+        if prepared.settings.bad_rows == "refuse":
+            return pd.DataFrame({"prediction": tags, "probabilities": per_tag})
+        predicted = iter(zip(tags, per_tag))
+        rows = [next(predicted) if problem is None else (None, None) for problem in prepared.problems]
+        columns = {"prediction": [r[0] for r in rows], "probabilities": [r[1] for r in rows],
+                   "error": prepared.problems}
+        return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
+
+    def predict(self, frame: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """`prediction` and `probabilities` for each row of a title/description frame (params: threshold,
+        batch_size, bad_rows; None or missing: the packaged defaults)."""
+        prepared = self.preprocess(frame, params)
+        return self.postprocess(self.forward(prepared.token_ids, prepared.settings.batch_size), prepared)
+
+    def predict_proba(self, frame: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        """Probabilities of the valid rows (rows x tags, columns in index_to_class order)."""
+        prepared = self.preprocess(frame, params)
+        return self.forward(prepared.token_ids, prepared.settings.batch_size)
 
     def run_batch(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         """Probabilities of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""
@@ -155,64 +129,3 @@ class Predictor:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _checked_batch_size(self, batch_size: Any) -> int:
-        """The batch size to use, or InvalidInputError naming the param."""
-        size = self.config.batch_size if batch_size is None else batch_size
-        if not is_number_in(size, 1, whole=True):
-            raise InvalidInputError(f"param 'batch_size' must be a positive integer, got {size!r}")
-        return int(size)
-
-    def _checked_threshold(self, threshold: Any) -> float:
-        """The threshold to use, or InvalidInputError naming the param."""
-        limit = self.config.threshold if threshold is None else threshold
-        if not is_number_in(limit, 0.0, 1.0):
-            raise InvalidInputError(f"param 'threshold' must be a number between 0 and 1, got {limit!r}")
-        return float(limit)
-
-
-class TorchPredictor(Predictor):
-    """The reference predictor: FinetunedLLM in eval mode on torch (fp32, bf16 or dynamic int8)."""
-
-    @classmethod
-    def from_directories(
-        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
-    ) -> TorchPredictor:
-        """Build from a checkpoint folder and an encoder folder (config + tokenizer), offline."""
-        config = config or PredictorConfig()
-
-        def build_engine() -> TorchEngine:
-            """The model from the checkpoint, loaded by the thread that will run it."""
-            bound_onednn_cache(config.precision)
-            import torch
-
-            from mlflow_model.checkpoint import load_finetuned
-            from mlflow_model.traced import load_trace
-
-            torch.set_num_threads(intra_op_threads(config))  # per inference thread
-            if config.trace and config.precision == "fp32" and (traced := load_trace(checkpoint_dir)) is not None:
-                return TorchEngine(traced, trace=False)  # the trace saved at packaging: no transformers needed
-            return TorchEngine(load_finetuned(checkpoint_dir, encoder_dir), config.precision, config.trace)
-
-        return cls(build_engine, encoder_dir, index_to_class(checkpoint_dir), config)
-
-
-class OnnxPredictor(Predictor):
-    """The same pipeline on ONNX Runtime: imports neither torch nor transformers."""
-
-    @classmethod
-    def from_directories(
-        cls, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig | None = None
-    ) -> OnnxPredictor:
-        """Build from a folder holding model.onnx + label map, and the encoder's tokenizer folder."""
-        config = config or PredictorConfig(engine="onnx")
-        model_path, threads = Path(checkpoint_dir) / ONNX_FILE, intra_op_threads(config)
-        return cls(lambda: OnnxEngine(model_path, threads), encoder_dir, index_to_class(checkpoint_dir), config)
-
-
-def load_predictor(checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig) -> Predictor:
-    """The predictor of the model's engine."""
-    kinds = {"torch": TorchPredictor, "onnx": OnnxPredictor}
-    if config.engine not in kinds:
-        raise CheckpointError(f"unknown engine {config.engine!r}; use one of {sorted(kinds)}")
-    return kinds[config.engine].from_directories(checkpoint_dir, encoder_dir, config)

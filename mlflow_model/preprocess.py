@@ -78,12 +78,7 @@ def check_table(frame: Any) -> None:
 
 
 def checked_texts(frame: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
-    """One pass over the rows: the cleaned text of each valid row, the problem of each other (None where fine).
-
-    Batch jobs use it to predict the valid rows and report the others; `prepare_texts` refuses the
-    whole input at its first problem.
-    """
-    check_table(frame)
+    """One pass over the rows: the cleaned text of each valid row, the problem of each other (None where fine)."""
     texts: list[str | None] = []
     problems: list[str | None] = []
     for title, description in zip(frame["title"].tolist(), frame["description"].tolist()):
@@ -93,16 +88,18 @@ def checked_texts(frame: pd.DataFrame) -> tuple[list[str | None], list[str | Non
     return texts, problems
 
 
-def prepare_texts(frame: pd.DataFrame) -> list[str]:
-    """Validate `title`/`description` rows and return one cleaned text per row, in order.
-
-    A null description is read as empty; a null or non-string title, a non-string description,
-    or a row whose title and description are both empty raises InvalidInputError naming the row.
-    """
-    texts, problems = checked_texts(frame)
+def refuse_bad_rows(problems: list[str | None]) -> None:
+    """InvalidInputError naming the first bad row, if any."""
     for position, problem in enumerate(problems):
         if problem:
             raise InvalidInputError(f"row {position}: {problem}")
+
+
+def prepare_texts(frame: pd.DataFrame) -> list[str]:
+    """Cleaned text of every row of a table whose rows are all valid (training and evaluation data)."""
+    check_table(frame)
+    texts, problems = checked_texts(frame)
+    refuse_bad_rows(problems)
     return texts
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import string
 import subprocess
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import requests
 import torch
@@ -25,6 +28,37 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASS_TO_INDEX = {"natural-language-processing": 0, "computer-vision": 1, "mlops": 2, "other": 3}
 WORDS = "transformer bert language text vision image detection video pipeline deploy model learning data".split()
 HIDDEN = 32
+TAG_WORDS = {
+    "natural-language-processing": ["transformer", "bert", "language", "text"],
+    "computer-vision": ["vision", "image", "detection", "video"],
+    "mlops": ["pipeline", "deploy", "model"],
+    "other": ["learning", "data"],
+}
+
+
+def write_tiny_csv(path: Path, rows_per_tag: int = 10, seed: int = 0) -> Path:
+    """A labelled CSV whose texts use each tag's own words (so even a tiny model can learn it)."""
+    rng = random.Random(seed)
+    rows = []
+    for tag, words in TAG_WORDS.items():
+        for i in range(rows_per_tag):
+            rows.append({
+                "id": len(rows),
+                "title": " ".join(rng.choices(words, k=3)),
+                "description": " ".join(rng.choices(words, k=4)) if i % 3 else None,
+                "tag": tag,
+            })
+    rng.shuffle(rows)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def varied_rows(count: int, seed: int) -> pd.DataFrame:
+    """Rows from 1 to ~60 tokens long, shuffled so that lengths are not in order."""
+    rng = np.random.default_rng(seed)
+    titles = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(count)]
+    descriptions = [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 40)))) for _ in range(count)]
+    return pd.DataFrame({"title": titles, "description": descriptions})
 
 
 def build_tiny_encoder(folder: Path) -> Path:

@@ -24,7 +24,7 @@ from mlflow_model.config import PredictorConfig
 from tagger.config import BatchPredictConfig, PackageConfig
 from tagger.errors import ServiceError
 from mlflow_model.errors import InvalidInputError
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.predictor import Predictor
 from tagger.package import package_best_run
 from tagger.registry import promote
 
@@ -118,7 +118,7 @@ def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_pred
 
 
 def test_the_actor_predicts_good_rows_as_the_predictor_does_and_names_bad_ones(tiny_checkpoint, tiny_encoder):
-    predictor = TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+    predictor = Predictor.from_directories(tiny_checkpoint, tiny_encoder)
     actor = object.__new__(TaggerActor)  # the actor's __call__ on a real predictor, without loading from MLflow
     actor.predictor, actor.id_column = predictor, "id"
     actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in predictor.index_to_class])

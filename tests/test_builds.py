@@ -13,15 +13,14 @@ import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server
-from test_predictor_speed_paths import varied_rows
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server, varied_rows
 
 from mlflow_model.checkpoint import SAFETENSORS_FILE
 from mlflow_model.config import ONNX_FILE, ONNX_WEIGHTS_FILE, TRACE_FILE, PredictorConfig
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.predictor import Predictor
 from tagger.cli import cli
 from tagger.config import PackageConfig
-from tagger.errors import BuildError
+from mlflow_model.errors import ConfigError
 from tagger.package import package_best_run
 
 ROWS = varied_rows(60, seed=5)
@@ -41,7 +40,7 @@ def store(tmp_path_factory, tiny_encoder) -> dict:
         mlflow.set_tracking_uri(uri)
         log_training_run("exp", checkpoint, 0.5)
         mlflow.set_experiment("Default")
-    with TorchPredictor.from_directories(checkpoint, tiny_encoder) as reference:
+    with Predictor.from_directories(checkpoint, tiny_encoder) as reference:
         expected = reference.predict_proba(ROWS)
     yield {"uri": uri, "folder": folder, "csv": str(folder / "eval.csv"), "expected": expected}
     mlflow.set_tracking_uri(None)
@@ -54,6 +53,7 @@ def package(store: dict, tiny_encoder, engine: str, precision: str) -> str:
                            predictor=PredictorConfig(engine=engine, precision=precision))
     version = package_best_run(config)
     assert (version.tags["engine"], version.tags["precision"]) == (engine, precision)
+    assert version.tags["forward"] == ("graph" if engine == "onnx" else "trace_at_load")
     assert float(version.tags["accuracy.f1_delta"]) == pytest.approx(
         float(version.tags["accuracy.f1"]) - float(version.tags["accuracy.reference_f1"]), abs=2e-6)
     return f"models:/tagger/{version.version}"
@@ -96,6 +96,7 @@ def test_the_torch_fp32_build_ships_its_trace_without_weights_and_loads_without_
     uri = f"models:/tagger/{version.version}"
     checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
     assert {p.name for p in checkpoint.iterdir()} == {SAFETENSORS_FILE, TRACE_FILE, "args.json", "class_to_index.json"}
+    assert version.tags["forward"] == "shipped_trace"
     trace = torch.jit.load(str(checkpoint / TRACE_FILE))
     assert all(p.untyped_storage().nbytes() <= p.element_size() for p in trace.parameters())  # placeholders only
     loaded = load_offline_in_a_new_process(store, uri)
@@ -129,22 +130,22 @@ def test_an_onnx_file_that_is_not_the_model_is_refused(tmp_path, tiny_encoder):
     from transformers import AutoConfig
 
     from mlflow_model.checkpoint import load_finetuned
-    from mlflow_model.predictor import load_predictor
-    from tagger.onnx_build import ExportCheckError, build_onnx, check_export
+    from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
+    from mlflow_model.engines.onnx_engine import ExportCheckError, build_graph, check_export
+    from tagger.builds import sample_batches
 
     models = [load_finetuned(build_tiny_checkpoint(tmp_path / f"c{seed}", tiny_encoder, seed), tiny_encoder) for seed in (7, 8)]
-    with load_predictor(tmp_path / "c7", tiny_encoder, PredictorConfig()) as predictor:
-        token_ids = predictor.preprocess(ROWS)
-    batches = [token_ids[i : i + 16] for i in range(0, len(token_ids), 16)]
-    onnx_file = build_onnx(models[0], AutoConfig.from_pretrained(tiny_encoder), tmp_path / "onnx", "fp32", batches)
+    files = {CHECKPOINT_ARTIFACT: str(tmp_path / "c7"), ENCODER_ARTIFACT: str(tiny_encoder)}
+    batches = sample_batches(files, PredictorConfig(), ROWS)
+    onnx_file = build_graph(models[0], AutoConfig.from_pretrained(tiny_encoder), tmp_path / "onnx", "fp32", batches)
     assert check_export(models[0], onnx_file, batches) <= 1e-4
     with pytest.raises(ExportCheckError, match=r"disagrees with the torch fp32 model \(max \|probability difference\| "):
         check_export(models[1], onnx_file, batches)
 
 
-def test_a_build_that_does_not_exist_is_refused_with_the_builds_that_do(store, tiny_encoder):
-    with pytest.raises(BuildError, match="engine 'onnx' has no 'bf16' build; the builds are: torch fp32"):
-        package(store, tiny_encoder, "onnx", "bf16")
-    outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--engine", "onnx", "--precision", "bf16"])
-    assert outcome.exit_code == 1 and "BuildError: engine 'onnx' has no 'bf16' build" in outcome.output
+def test_only_builds_that_exist_are_offered_and_accepted(store, tiny_encoder):
+    with pytest.raises(ConfigError, match="engine 'onnx' has no 'bf16' build; the builds are torch-fp32, torch-bf16"):
+        PredictorConfig(engine="onnx", precision="bf16")
+    outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--build", "onnx-bf16"])
+    assert outcome.exit_code == 2 and "'onnx-bf16' is not one of 'torch-fp32', 'torch-bf16'" in outcome.output
     assert "Traceback" not in outcome.output

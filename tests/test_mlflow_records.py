@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, build_tiny_encoder
+from conftest import ROOT, build_tiny_encoder, write_tiny_csv
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 
@@ -88,7 +88,6 @@ def readable_texts(client: MlflowClient, experiment_id: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_user_reads_names_descriptions_links_and_inputs(tmp_path, tracking_uri):
-    from test_training import write_tiny_csv
 
     from tagger.evaluate import evaluate_model
     from tagger.gate import gated_promote

@@ -24,7 +24,7 @@ from mlflow_model.model import FinetunedLLM, ModelArgs
 from tagger.config import PackageConfig
 from mlflow_model.errors import CheckpointError, ConfigError, InvalidInputError
 from tagger.errors import RunSelectionError
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.predictor import Predictor
 from tagger.package import package_best_run
 from tagger.registry import promote
 from tagger.runs import find_checkpoint, get_best_run_id, ranking_key, ranking_value
@@ -125,8 +125,9 @@ def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
 
     loaded = mlflow.pyfunc.load_model("models:/tagger/1")
     got = loaded.predict(EXAMPLES)
-    direct = TorchPredictor.from_directories(two_runs["better_dir"], tiny_encoder)
+    direct = Predictor.from_directories(two_runs["better_dir"], tiny_encoder)
     expected = direct.predict_proba(EXAMPLES)
+    direct.close()
     assert list(got.columns) == ["prediction", "probabilities"]
     probabilities = np.array([[row[tag] for tag in direct.index_to_class] for row in got["probabilities"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
@@ -144,8 +145,8 @@ def test_package_trace_option_chooses_how_the_served_torch_model_runs(two_runs, 
         outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--base-model", str(tiny_encoder), *flags])
         assert outcome.exit_code == 0, outcome.output
     traced, eager = (mlflow.pyfunc.load_model(f"models:/tagger/{v}") for v in (1, 2))
-    assert traced.metadata.flavors["python_function"]["config"]["trace"] is True
-    assert eager.metadata.flavors["python_function"]["config"]["trace"] is False
+    assert traced.metadata.flavors["python_function"]["config"]["forward"] == "shipped_trace"
+    assert eager.metadata.flavors["python_function"]["config"]["forward"] == "eager"
     assert isinstance(traced.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
     assert not isinstance(eager.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
     got, expected = traced.predict(EXAMPLES), eager.predict(EXAMPLES)
@@ -183,7 +184,7 @@ def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
     top = [max(p, key=p.get) for p in relaxed["probabilities"]]
     assert list(relaxed["prediction"]) == top
     params = model.metadata.get_params_schema().to_dict()
-    assert {p["name"]: p["default"] for p in params} == {"threshold": 0.99, "batch_size": 2}
+    assert {p["name"]: p["default"] for p in params} == {"threshold": 0.99, "batch_size": 2, "bad_rows": "refuse"}
 
 
 @pytest.mark.parametrize(
@@ -206,16 +207,16 @@ def test_bad_input_raises_a_typed_error(packaged_model, frame, params, message):
 
 
 def test_predictor_errors_are_typed(tiny_checkpoint, tiny_encoder, tmp_path):
-    predictor = TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+    predictor = Predictor.from_directories(tiny_checkpoint, tiny_encoder)
     with pytest.raises(InvalidInputError, match="missing column"):
         predictor.predict(pd.DataFrame({"name": ["a"]}))
     with pytest.raises(InvalidInputError, match="no rows"):
         predictor.predict(EXAMPLES.iloc[:0])
     (tiny_checkpoint / "args.json").write_text(json.dumps({"dropout_p": 0.1, "embedding_dim": 32, "num_classes": 3}))
     with pytest.raises(CheckpointError, match="num_classes=3 but the label map has 4"):
-        TorchPredictor.from_directories(tiny_checkpoint, tiny_encoder)
+        Predictor.from_directories(tiny_checkpoint, tiny_encoder)
     with pytest.raises(CheckpointError, match="does not exist"):
-        TorchPredictor.from_directories(tmp_path / "missing", tiny_encoder)
+        Predictor.from_directories(tmp_path / "missing", tiny_encoder)
 
 
 def test_the_checkpoint_tensors_become_the_weights_in_fp32_whatever_dtype_they_were_saved_in(tiny_encoder, tmp_path):

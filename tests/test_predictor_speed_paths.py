@@ -9,43 +9,35 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASS_TO_INDEX, WORDS, build_tiny_checkpoint, log_training_run
+from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, varied_rows
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import f1_score
 
 from mlflow_model.config import PredictorConfig
 from tagger.config import PackageConfig
-from mlflow_model.predictor import TorchPredictor
+from mlflow_model.predictor import Predictor
 from tagger.package import package_best_run
 
 
-def varied_rows(count: int, seed: int) -> pd.DataFrame:
-    """Rows from 1 to ~60 tokens long, shuffled so that lengths are not in order."""
-    rng = np.random.default_rng(seed)
-    titles = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(count)]
-    descriptions = [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 40)))) for _ in range(count)]
-    return pd.DataFrame({"title": titles, "description": descriptions})
-
-
-def predictor(checkpoint, encoder, **config) -> TorchPredictor:
+def predictor(checkpoint, encoder, **config) -> Predictor:
     """A predictor of the tiny model with some config fields set."""
-    return TorchPredictor.from_directories(checkpoint, encoder, PredictorConfig(**config))
+    return Predictor.from_directories(checkpoint, encoder, PredictorConfig(**config))
 
 
 def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(50, seed=0)
     fast = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=True)
     plain = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=False)
-    lengths = [len(ids) for ids in fast.preprocess(rows)]
+    lengths = [len(ids) for ids in fast.preprocess(rows).token_ids]
     assert len(set(lengths)) > 10 and lengths != sorted(lengths)  # the sort really reorders
 
-    sorted_proba = fast.predict_proba(rows, batch_size=8)
-    plain_proba = plain.predict_proba(rows, batch_size=8)
-    one_by_one = np.vstack([plain.predict_proba(rows.iloc[[i]], batch_size=1) for i in range(len(rows))])
+    sorted_proba = fast.predict_proba(rows, {"batch_size": 8})
+    plain_proba = plain.predict_proba(rows, {"batch_size": 8})
+    one_by_one = np.vstack([plain.predict_proba(rows.iloc[[i]], {"batch_size": 1}) for i in range(len(rows))])
     np.testing.assert_allclose(sorted_proba, plain_proba, atol=1e-6, rtol=0)
     np.testing.assert_allclose(sorted_proba, one_by_one, atol=1e-6, rtol=0)  # row i is input row i
 
-    fast_out, plain_out = fast.predict(rows, batch_size=8), plain.predict(rows, batch_size=8)
+    fast_out, plain_out = fast.predict(rows, {"batch_size": 8}), plain.predict(rows, {"batch_size": 8})
     assert fast_out["prediction"].tolist() == plain_out["prediction"].tolist()
     for mine, theirs in zip(fast_out["probabilities"], plain_out["probabilities"]):
         assert mine.keys() == theirs.keys() == CLASS_TO_INDEX.keys()
@@ -54,7 +46,7 @@ def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_enco
 
 def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(100, seed=1)
-    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", trace=False)
+    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", forward="eager")
     assert any("quantized" in type(m).__module__ for m in int8.engine.model.modules())  # Linear layers are int8
     quantized, reference = int8.predict_proba(rows), predictor(tiny_checkpoint, tiny_encoder).predict_proba(rows)
     assert quantized.shape == reference.shape == (100, len(CLASS_TO_INDEX))
@@ -69,46 +61,45 @@ def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder
 
     rows = varied_rows(60, seed=4)
     traced = predictor(tiny_checkpoint, tiny_encoder, precision=precision)
-    eager = predictor(tiny_checkpoint, tiny_encoder, precision=precision, trace=False)
+    eager = predictor(tiny_checkpoint, tiny_encoder, precision=precision, forward="eager")
     assert isinstance(traced.engine.model, torch.jit.ScriptModule)  # the trace is what runs
     assert not isinstance(eager.engine.model, torch.jit.ScriptModule)
     for batch_size in (1, 7, 64):  # other batch sizes and widths than the trace's example
         np.testing.assert_allclose(
-            traced.predict_proba(rows, batch_size=batch_size), eager.predict_proba(rows, batch_size=batch_size),
+            traced.predict_proba(rows, {"batch_size": batch_size}), eager.predict_proba(rows, {"batch_size": batch_size}),
             atol=1e-5, rtol=0,
         )
 
 
-def test_the_trace_saved_at_packaging_runs_with_the_checkpoint_weights(tmp_path, tiny_checkpoint, tiny_encoder, caplog):
-    """The saved trace holds the graph, not the weights; one that cannot be used is replaced by a trace made at load."""
+def test_the_trace_saved_at_packaging_runs_with_the_checkpoint_weights(tmp_path, tiny_checkpoint, tiny_encoder):
+    """The saved trace holds the graph, not the weights; one that cannot be used is an error naming it, not a fallback."""
     import torch
 
     from mlflow_model.checkpoint import load_finetuned
     from mlflow_model.config import TRACE_FILE
-    from mlflow_model.traced import save_trace
+    from mlflow_model.traced import TraceError, save_trace
 
     rows = varied_rows(30, seed=6)
-    expected = predictor(tiny_checkpoint, tiny_encoder, trace=False).predict_proba(rows)
+    expected = predictor(tiny_checkpoint, tiny_encoder, forward="eager").predict_proba(rows)
     other = build_tiny_checkpoint(tmp_path / "other", tiny_encoder, seed=1)  # same shapes, other weights
     save_trace(load_finetuned(other, tiny_encoder), tiny_checkpoint)
-    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
-        saved = predictor(tiny_checkpoint, tiny_encoder)
-    assert isinstance(saved.engine.model, torch.jit.ScriptModule) and not caplog.text
+    saved = predictor(tiny_checkpoint, tiny_encoder, forward="shipped_trace")
+    assert isinstance(saved.engine.model, torch.jit.ScriptModule)
     np.testing.assert_allclose(saved.predict_proba(rows), expected, atol=1e-5, rtol=0)  # this checkpoint's weights
 
     (tiny_checkpoint / TRACE_FILE).write_bytes(b"not a TorchScript archive")
-    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
-        fallback = predictor(tiny_checkpoint, tiny_encoder)
-    assert "not using the saved trace" in caplog.text
-    assert isinstance(fallback.engine.model, torch.jit.ScriptModule)  # traced at load instead
-    np.testing.assert_allclose(fallback.predict_proba(rows), expected, atol=1e-5, rtol=0)
+    with pytest.raises(TraceError, match=f"cannot load the shipped trace .*{TRACE_FILE}"):
+        predictor(tiny_checkpoint, tiny_encoder, forward="shipped_trace")
+    (tiny_checkpoint / TRACE_FILE).unlink()
+    with pytest.raises(TraceError, match=f"runs its shipped trace, but .*{TRACE_FILE} does not exist"):
+        predictor(tiny_checkpoint, tiny_encoder, forward="shipped_trace")
 
 
-def test_a_model_whose_trace_differs_runs_eagerly(caplog):
-    """Python control flow on the input's shape freezes in a trace: the load check sees it and keeps eager."""
+def test_a_model_whose_trace_differs_is_not_traced():
+    """Python control flow on the input's shape freezes in a trace: the check sees it, and the build runs eagerly."""
     import torch
 
-    from mlflow_model.engines import TorchEngine
+    from mlflow_model.traced import TraceError, trace_checked
 
     class ShapeDependent(torch.nn.Module):
         def __init__(self) -> None:
@@ -119,14 +110,8 @@ def test_a_model_whose_trace_differs_runs_eagerly(caplog):
             x = (input_ids * attention_mask).float().mean(dim=1, keepdim=True)
             return self.head(x * 2 if input_ids.shape[1] > 8 else x)  # traced at width 6: branch frozen
 
-    model = ShapeDependent()
-    with caplog.at_level("WARNING", logger="mlflow_model.traced"):
-        engine = TorchEngine(model)
-    assert engine.model is model
-    assert "its trace differs from it" in caplog.text
-    ids = np.arange(1, 25, dtype=np.int64).reshape(2, 12)
-    expected = model(torch.from_numpy(ids), torch.ones(2, 12, dtype=torch.long)).detach().numpy()
-    np.testing.assert_allclose(engine.logits(ids, np.ones_like(ids)), expected, atol=1e-6)
+    with pytest.raises(TraceError, match="the model's trace differs from it by"):
+        trace_checked(ShapeDependent())
 
 
 @pytest.fixture
@@ -179,8 +164,8 @@ def onednn_cache_misses(checkpoint, encoder, env: dict[str, str]) -> int:
     script = f"""
 import pandas as pd
 from mlflow_model.config import PredictorConfig
-from mlflow_model.predictor import TorchPredictor
-predictor = TorchPredictor.from_directories({str(checkpoint)!r}, {str(encoder)!r}, PredictorConfig())
+from mlflow_model.predictor import Predictor
+predictor = Predictor.from_directories({str(checkpoint)!r}, {str(encoder)!r}, PredictorConfig())
 titles = [" ".join(["graph"] * n) for n in (2, 5, 8, 11, 14, 17, 2)]
 for title in titles:  # one forward per row: one batch shape per length
     predictor.predict(pd.DataFrame({{"title": [title], "description": [""]}}))

@@ -15,35 +15,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 
-from conftest import CLASS_TO_INDEX, build_tiny_encoder
+from conftest import CLASS_TO_INDEX, build_tiny_encoder, write_tiny_csv
 from tagger.config import PackageConfig, TrainConfig
 from tagger.errors import DatasetError
 from tagger.data import check_columns, class_to_index, load_data, stratified_split
-
-TAG_WORDS = {
-    "natural-language-processing": ["transformer", "bert", "language", "text"],
-    "computer-vision": ["vision", "image", "detection", "video"],
-    "mlops": ["pipeline", "deploy", "model"],
-    "other": ["learning", "data"],
-}
-
-
-def write_tiny_csv(path: Path, rows_per_tag: int = 10, seed: int = 0) -> Path:
-    """A labelled CSV whose texts use each tag's own words (so even a tiny model can learn it)."""
-    rng = random.Random(seed)
-    rows = []
-    for tag, words in TAG_WORDS.items():
-        for i in range(rows_per_tag):
-            rows.append({
-                "id": len(rows),
-                "title": " ".join(rng.choices(words, k=3)),
-                "description": " ".join(rng.choices(words, k=4)) if i % 3 else None,
-                "tag": tag,
-            })
-    rng.shuffle(rows)
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
 
 @pytest.fixture(scope="module")
 def pretrained_encoder(tmp_path_factory) -> Path:

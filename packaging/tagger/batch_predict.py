@@ -30,15 +30,15 @@ import pyarrow as pa
 
 from mlflow.exceptions import MlflowException
 
-from mlflow_model.errors import InvalidInputError
+from mlflow_model.errors import CheckpointError
 from mlflow_model.preprocess import INPUT_COLUMNS, is_missing
 from tagger.config import BatchPredictConfig
-from tagger.errors import ServiceError, one_line
+from tagger.errors import OptionError, ServiceError, one_line
 from tagger.sessions import absolute_tracking_uri, ray_session
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
-NO_PREDICTIONS = pd.DataFrame(columns=["prediction", "probabilities"])  # for an empty batch
+NO_PREDICTIONS = pd.DataFrame(columns=["prediction", "probabilities", "error"])  # for an empty batch
 STAGING_SUFFIX = "-incomplete-"  # <output>-incomplete-<id>: where a job writes before its rows are checked
 SUCCESS_MARKER = "_SUCCESS"  # written into the output last: the output is complete
 
@@ -57,11 +57,11 @@ def input_format(path: str, declared: str | None = None) -> str:
     """csv, parquet or json: as declared, else from the file extension."""
     if declared:
         if declared not in set(EXTENSIONS.values()):
-            raise InvalidInputError(f"--format must be one of csv, parquet, json; got {declared!r}")
+            raise OptionError(f"--format must be one of csv, parquet, json; got {declared!r}")
         return declared
     extension = os.path.splitext(path.rstrip("/"))[1].lower()
     if extension not in EXTENSIONS:
-        raise InvalidInputError(f"cannot tell the format of input {path!r} from its extension; pass --format")
+        raise OptionError(f"cannot tell the format of input {path!r} from its extension; pass --format")
     return EXTENSIONS[extension]
 
 
@@ -74,7 +74,7 @@ def expand_paths(path: str) -> list[str]:
     filesystem, _ = fsspec.core.url_to_fs(path)
     matches = sorted(filesystem.unstrip_protocol(p) if "://" in path else p for p in filesystem.glob(path))
     if not matches:
-        raise InvalidInputError(f"input {path!r} matches no file")
+        raise OptionError(f"input {path!r} matches no file")
     return matches
 
 
@@ -102,9 +102,9 @@ def check_output(output: str) -> None:
     if not filesystem.exists(folder):
         return
     if not filesystem.isdir(folder):
-        raise InvalidInputError(f"--output {output!r} is a file; name a new or empty folder")
+        raise OptionError(f"--output {output!r} is a file; name a new or empty folder")
     if filesystem.find(folder):
-        raise InvalidInputError(
+        raise OptionError(
             f"--output {output!r} already holds files (an earlier run's?); name a new or empty folder"
         )
 
@@ -126,33 +126,36 @@ def check_columns(dataset: Any, path: str) -> None:
     schema = dataset.schema()  # reads the first block only
     missing = [column for column in INPUT_COLUMNS if schema is None or column not in schema.names]
     if missing:
-        raise InvalidInputError(
+        raise OptionError(
             f"input {path!r} has no column(s) {missing}; the model needs {list(INPUT_COLUMNS)}"
         )
 
 
 class TaggerActor:
-    """A Ray Data actor: loads the model once, then tags each batch it is given."""
+    """A Ray Data actor: loads the model once, then tags each batch through the model's own predict."""
 
     def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        settings = {"num_threads": num_threads, "inference_threads": 1}  # the actor's own CPUs, nothing more
-        model = mlflow.pyfunc.load_model(model_uri, model_config=settings)
-        self.predictor = model.unwrap_python_model().predictor
-        self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in self.predictor.index_to_class])
+        # The actor's own CPUs and nothing more; no online request-size limit for a batch job.
+        settings = {"num_threads": num_threads, "inference_threads": 1, "max_request_rows": None}
+        self.model = mlflow.pyfunc.load_model(model_uri, model_config=settings)
+        labels = (self.model.metadata.metadata or {}).get("labels")
+        if not labels:
+            raise CheckpointError(f"{model_uri} records no labels in its metadata; repackage it with `tagger package`")
+        self.probabilities_type = pa.struct([(tag, pa.float64()) for tag in labels])
         self.id_column = id_column
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
-        """The batch's columns + prediction, probabilities and error (bad rows are not predicted)."""
+        """The batch's columns + prediction, probabilities and error (bad rows are reported, not predicted)."""
         table = pa.Table.from_pandas(batch, preserve_index=False)
         if batch.empty:
-            predictions, problems = NO_PREDICTIONS, []
+            predictions = NO_PREDICTIONS
         else:  # every row validated once; the rows of the whole batch length-sorted together
-            predictions, problems = self.predictor.predict_valid(batch)
+            predictions = self.model.predict(batch[list(INPUT_COLUMNS)], params={"bad_rows": "report"})
         errors = [
             None if problem is None else f"{row_reference(batch.iloc[position], self.id_column)}: {problem}"
-            for position, problem in enumerate(problems)
+            for position, problem in enumerate(predictions["error"])
         ]
         table = table.append_column("prediction", pa.array(predictions["prediction"].tolist(), pa.string()))
         table = table.append_column(
@@ -183,7 +186,7 @@ def actor_resources(config: BatchPredictConfig) -> tuple[int, float, int]:
         actors = max(1, int(sum(nodes)))
     cpus = config.cpus_per_actor or min(max(nodes), free / actors)
     if cpus <= 0 or cpus * actors > free + 1e-9:
-        raise InvalidInputError(
+        raise OptionError(
             f"--concurrency {actors} x --cpus-per-actor {cpus:g} needs more than the {max(free, 0):g} "
             f"of {total:g} Ray CPUs left to actors (Ray Data's I/O tasks keep {config.reserved_cpus:g}); "
             "lower one of them"

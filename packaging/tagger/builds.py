@@ -1,78 +1,58 @@
-"""Builds of one trained model (engine x precision): which exist, their ONNX files, their F1 against torch fp32.
+"""Builds of one trained model (engine x precision): making one through the engine registry, and its F1 change.
 
-torch fp32 is the reference. torch bf16 and int8 use the same weights file (the precision is
-applied at load); an ONNX build exports the model once, optimizes the graph, quantizes it for
-int8, and checks it against torch fp32 on real rows before it is registered.
+torch fp32 is the reference. Each engine's module makes and checks its own files and records
+the forward path it runs (`mlflow_model.engines`); this module gives it the staged reference
+files and real rows to check against, and measures the build's weighted F1 against torch fp32.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from mlflow_model.checkpoint import ARGS_FILE, LABELS_FILE, load_finetuned
-from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
-from mlflow_model.predictor import load_predictor
+from mlflow_model.checkpoint import encoder_max_length
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, TOKENIZER_FILE, PredictorConfig
+from mlflow_model.engines import REFERENCE_BUILD, build_name, engine_module
+from mlflow_model.predictor import Predictor
+from mlflow_model.preprocess import load_tokenizer, prepare_texts, tokenize
 from tagger.data import load_data
-from tagger.errors import BuildError
 from tagger.metrics import scores
 
 logger = logging.getLogger(__name__)
-BUILDS = {"torch": ("fp32", "bf16", "int8"), "onnx": ("fp32", "int8")}
-REFERENCE = ("torch", "fp32")
 NOT_MEASURED = "not measured"
 F1_KEYS = ("accuracy.reference_f1", "accuracy.f1", "accuracy.f1_delta")
-
-
-def check_build(engine: str, precision: str) -> None:
-    """Refuse an engine x precision that does not exist, saying which do."""
-    if engine not in BUILDS:
-        raise BuildError(f"unknown engine {engine!r}; use one of {sorted(BUILDS)}")
-    if precision not in BUILDS[engine]:
-        choices = ", ".join(f"{e} {p}" for e, ps in BUILDS.items() for p in ps)
-        raise BuildError(f"engine {engine!r} has no {precision!r} build; the builds are: {choices}")
+SAMPLE_BATCH_ROWS = 16  # rows per batch an engine's build is checked on
 
 
 def is_reference(config: PredictorConfig) -> bool:
     """True for torch fp32, the build every other one is measured against."""
-    return (config.engine, config.precision) == REFERENCE
+    return (config.engine, config.precision) == REFERENCE_BUILD
 
 
-def onnx_artifacts(reference: dict[str, str], out_dir: str | Path, precision: str, rows: pd.DataFrame) -> dict[str, str]:
-    """The ONNX build's artifacts: model.onnx + its weights + label map, and the same encoder files as the reference."""
-    from transformers import AutoConfig
+def sample_batches(files: dict[str, str], config: PredictorConfig, rows: pd.DataFrame) -> list[list[list[int]]]:
+    """Token ids of real rows, in batches, tokenized as the served model will: what a build is checked on."""
+    encoder = files[ENCODER_ARTIFACT]
+    tokenizer = load_tokenizer(Path(encoder) / TOKENIZER_FILE, config.max_length or encoder_max_length(encoder))
+    token_ids = tokenize(tokenizer, prepare_texts(rows))
+    return [token_ids[i : i + SAMPLE_BATCH_ROWS] for i in range(0, len(token_ids), SAMPLE_BATCH_ROWS)]
 
-    from tagger.onnx_build import build_onnx
 
+def make_build(
+    reference: dict[str, str], out_dir: str | Path, config: PredictorConfig, rows: pd.DataFrame
+) -> tuple[dict[str, str], PredictorConfig]:
+    """The build's files and its config with the forward path recorded, made by its engine's module."""
     out_dir = Path(out_dir)
-    checkpoint, encoder = out_dir / CHECKPOINT_ARTIFACT, out_dir / ENCODER_ARTIFACT
-    shutil.copytree(reference[ENCODER_ARTIFACT], encoder)
-    checkpoint.mkdir(parents=True)
-    for name in (ARGS_FILE, LABELS_FILE):
-        shutil.copy(Path(reference[CHECKPOINT_ARTIFACT]) / name, checkpoint / name)
-    model = load_finetuned(reference[CHECKPOINT_ARTIFACT], encoder)
-    with load_predictor(reference[CHECKPOINT_ARTIFACT], encoder, PredictorConfig()) as predictor:
-        token_ids, pad_id = predictor.preprocess(rows), predictor.pad_id
-    samples = [token_ids[i : i + 16] for i in range(0, len(token_ids), 16)]
-    build_onnx(model, AutoConfig.from_pretrained(encoder), checkpoint, precision, samples, pad_id)
-    return {CHECKPOINT_ARTIFACT: str(checkpoint), ENCODER_ARTIFACT: str(encoder)}
-
-
-def save_reference_trace(artifacts: dict[str, str]) -> None:
-    """torch fp32: trace the model once here and ship the trace, so the served model loads without transformers."""
-    from mlflow_model.traced import save_trace
-
-    checkpoint = artifacts[CHECKPOINT_ARTIFACT]
-    if save_trace(load_finetuned(checkpoint, artifacts[ENCODER_ARTIFACT]), checkpoint) is None:
-        logger.warning("no trace shipped: the served model will build the model with transformers and run it eagerly")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, config = engine_module(config.engine).build(dict(reference), out_dir, config, sample_batches(reference, config, rows))
+    logger.info("%s build runs forward path %r", build_name(config.engine, config.precision), config.forward)
+    return files, config
 
 
 def weighted_f1(artifacts: dict[str, str], config: PredictorConfig, frame: pd.DataFrame) -> float:
     """Weighted F1 of one build of the staged model on a labelled frame."""
-    with load_predictor(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
+    with Predictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
         predictions = predictor.predict(frame[["title", "description"]])["prediction"]
     return scores(frame["tag"], predictions)["f1"]
 
@@ -85,9 +65,11 @@ def accuracy_change(
         logger.warning("accuracy change not measured: no labelled CSV at %s (use --eval-dataset)", dataset_loc)
         return {"accuracy.f1_delta": NOT_MEASURED, "accuracy.dataset": f"missing: {dataset_loc}"}
     frame = load_data(dataset_loc)
-    base = weighted_f1(reference, dataclasses.replace(config, engine="torch", precision="fp32"), frame)
+    engine, precision = REFERENCE_BUILD
+    base = weighted_f1(reference, dataclasses.replace(config, engine=engine, precision=precision, forward="eager"), frame)
     build = weighted_f1(artifacts, config, frame)
-    logger.info("weighted F1 on %s: torch fp32 %.4f, %s %s %.4f", dataset_loc, base, config.engine, config.precision, build)
+    logger.info("weighted F1 on %s: torch fp32 %.4f, %s %.4f", dataset_loc, base,
+                build_name(config.engine, config.precision), build)
     return {
         "accuracy.reference_f1": f"{base:.6f}",
         "accuracy.f1": f"{build:.6f}",

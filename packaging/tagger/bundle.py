@@ -1,4 +1,4 @@
-"""Bundle a checkpoint and its encoder into an MLflow pyfunc model (models from code)."""
+"""Bundle a build's files into an MLflow pyfunc model (models from code) with its integrity manifest."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,19 +11,15 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
-from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
-from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
+from mlflow_model.checkpoint import index_to_class, read_checkpoint, write_checkpoint
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, REQUEST_PARAMS, PredictorConfig
+from mlflow_model.engines import ENGINES
 from mlflow_model.errors import CheckpointError
-from mlflow_model.integrity import MANIFEST_KEY, build_manifest, verify_manifest
-from mlflow_model.predictor import Predictor, load_predictor
+from mlflow_model.integrity import verify_artifacts, write_manifest
+from mlflow_model.predictor import Predictor
 from tagger.sessions import RUNTIME_PACKAGE
 
 PYFUNC_FILE = RUNTIME_PACKAGE / "pyfunc.py"
-# What the served model imports, per engine (no Ray); pinned to the versions installed here.
-RUNTIME_REQUIREMENTS = {
-    "torch": ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"),
-    "onnx": ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas"),
-}
 INPUT_EXAMPLE = pd.DataFrame(
     {
         "title": ["Transfer learning with transformers", "Real-time object detection on video"],
@@ -34,7 +30,7 @@ INPUT_EXAMPLE = pd.DataFrame(
 
 def pinned_requirements(engine: str) -> list[str]:
     """`name==version` for each package the engine's served model imports (local labels like +cpu dropped)."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_REQUIREMENTS[engine]]
+    return [f"{name}=={version(name).split('+')[0]}" for name in ENGINES[engine].requirements]
 
 
 def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path) -> dict[str, str]:
@@ -54,13 +50,13 @@ def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | 
 
 
 def model_signature(predictor: Predictor, config: PredictorConfig) -> ModelSignature:
-    """Input columns, output columns and the params with their packaged defaults."""
-    params = {"threshold": float(config.threshold), "batch_size": int(config.batch_size)}
+    """Input columns, output columns and the request params with their packaged defaults."""
+    params = {name: getattr(config, name) for name in REQUEST_PARAMS}
     return infer_signature(INPUT_EXAMPLE, predictor.predict(INPUT_EXAMPLE), params=params)
 
 
 def request_row_limit(predictor: Predictor, config: PredictorConfig, rows: int = 256, share: float = 0.5) -> int:
-    """Rows one online request may hold: what this build predicts in `share` of the request timeout, measured here."""
+    """Rows one online request may hold: what this build predicts in `share` of the request timeout, measured now."""
     frame = pd.concat([INPUT_EXAMPLE] * (rows // len(INPUT_EXAMPLE)), ignore_index=True)
     predictor.predict(frame.head(config.batch_size))  # warm-up
     started = time.perf_counter()
@@ -69,25 +65,52 @@ def request_row_limit(predictor: Predictor, config: PredictorConfig, rows: int =
     return max(100, int(rows_per_s * config.timeout_s * share) // 100 * 100)
 
 
-def log_pyfunc(
-    artifacts: dict[str, str], config: PredictorConfig, metadata: dict[str, str] | None = None
-) -> ModelInfo:
-    """Log the pyfunc into the active run; the predictor is built once here to check it loads."""
-    with load_predictor(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
+def final_settings(artifacts: dict[str, str], config: PredictorConfig) -> tuple[PredictorConfig, ModelSignature]:
+    """The settings the model ships with (the request row limit measured if not given) and its signature;
+    the predictor is built once here, which also checks that the build loads."""
+    with Predictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
         signature = model_signature(predictor, config)
         if config.max_request_rows is None:
             config = dataclasses.replace(config, max_request_rows=request_row_limit(predictor, config))
-    return mlflow.pyfunc.log_model(
+    return config, signature
+
+
+def log_pyfunc(
+    artifacts: dict[str, str],
+    config: PredictorConfig,
+    signature: ModelSignature,
+    run_id: str,
+    manifest_dir: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> ModelInfo:
+    """Log the pyfunc as a LoggedModel of the package run (shown among the run's logged models).
+
+    Logged outside an active run on purpose: inside one, MLflow also logs every model_config entry
+    as a run param (a second copy of each setting, which a run of `mlflow run` refuses anyway).
+    The model page shows the settings once, as the LoggedModel's params.
+    """
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.tracking import MlflowClient
+
+    settings = config.to_dict()
+    model = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, params={name: str(value) for name, value in settings.items()}
+    )
+    info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_FILE),
-        artifacts=artifacts,
+        artifacts=write_manifest(artifacts, manifest_dir),
         code_paths=[str(RUNTIME_PACKAGE)],
-        model_config=config.to_dict() | {MANIFEST_KEY: build_manifest(artifacts)},
+        model_config=settings,
         signature=signature,
         input_example=INPUT_EXAMPLE,
         pip_requirements=pinned_requirements(config.engine),
-        metadata={"engine": config.engine, "precision": config.precision, **(metadata or {})},
+        metadata={"engine": config.engine, "precision": config.precision, "forward": config.forward,
+                  "labels": index_to_class(artifacts[CHECKPOINT_ARTIFACT]), **(metadata or {})},
+        model_id=model.model_id,
     )
+    MlflowClient().log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    return info
 
 
 def verify_package(model_uri: str) -> int:
@@ -95,4 +118,4 @@ def verify_package(model_uri: str) -> int:
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
     artifacts = {name: str(local / entry["path"]) for name, entry in flavor.get("artifacts", {}).items()}
-    return verify_manifest(artifacts, flavor.get("config", {}).get(MANIFEST_KEY))
+    return verify_artifacts(artifacts, flavor.get("config"))

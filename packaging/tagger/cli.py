@@ -14,7 +14,8 @@ from typing import Any
 import click
 from mlflow.exceptions import MlflowException
 
-from mlflow_model.config import ENGINES, PRECISIONS, PredictorConfig
+from mlflow_model.config import PredictorConfig
+from mlflow_model.engines import build_name, build_names
 from tagger.config import (
     SCHEDULERS,
     BatchPredictConfig,
@@ -136,12 +137,12 @@ def cli(verbose: bool) -> None:
 @setting("--threshold", PredictorConfig, click.FloatRange(0, 1),
          help="Top probability under which the tag becomes 'other' (stored in the model).")
 @setting("--batch-size", PredictorConfig, WholeNumber(), help="Rows per forward pass (stored in the model).")
-@setting("--engine", PredictorConfig, click.Choice(ENGINES), help="torch (the reference) or onnx (ONNX Runtime).")
-@setting("--precision", PredictorConfig, click.Choice(PRECISIONS),
-         help="fp32, bf16 (torch) or int8; a build other than torch fp32 gets its F1 change measured and tagged.")
-@setting("--trace", PredictorConfig, click.BOOL,
-         help="torch builds: run a TorchScript trace of the model, checked against it (fp32: traced here and "
-              "shipped, so serving needs no transformers; bf16/int8: traced at load). false: run it eagerly.")
+@click.option("--build", "build", type=Blankable(click.Choice(build_names())), default=None,
+              help="Engine and precision of the served model; a build other than torch-fp32 gets its F1 change "
+                   f"against torch-fp32 measured and tagged. [default: {build_name('torch', 'fp32')}]")
+@setting("--trace", PackageConfig, click.BOOL,
+         help="torch builds: run a TorchScript trace of the model, checked against it at packaging (fp32: shipped "
+              "in the model, so serving needs no transformers; bf16/int8: traced at load). false: run it eagerly.")
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
@@ -154,13 +155,14 @@ def package(experiment_name: str, **values: Any) -> None:
     from tagger.package import package_best_run
 
     values = given(values)
+    engine, _, precision = values.pop("build", build_name("torch", "fp32")).partition("-")
     serving = {name for name in PredictorConfig.__dataclass_fields__ if name in values}
-    predictor = PredictorConfig(**{name: values.pop(name) for name in serving})
+    predictor = PredictorConfig(engine=engine, precision=precision, **{name: values.pop(name) for name in serving})
     if "mode" in values:
         values["mode"] = values["mode"].upper()
     version = package_best_run(PackageConfig(experiment_name=experiment_name, predictor=predictor, **values))
-    click.echo(f"Registered {version.name} version {version.version} ({predictor.engine} {predictor.precision}) "
-               f"from run {version.tags['source_run_id']}")
+    click.echo(f"Registered {version.name} version {version.version} ({build_name(predictor.engine, predictor.precision)}, "
+               f"forward path {version.tags.get('forward')}) from run {version.tags['source_run_id']}")
     if "accuracy.f1_delta" in version.tags:
         click.echo(f"weighted F1 change against torch fp32: {version.tags['accuracy.f1_delta']} "
                    f"(torch fp32 {version.tags.get('accuracy.reference_f1', '-')}, "

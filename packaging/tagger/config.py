@@ -46,6 +46,7 @@ class PackageConfig:
     model_name: str = MODEL_NAME
     base_model: str | None = None  # None: the encoder the run was trained with, else default_base_model()
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    trace: bool = True  # torch builds: trace the model if its trace gives its logits (the build records the path)
     eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
     run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
 
@@ -123,3 +124,5 @@ class QuickstartConfig:
     workdir: str = "."  # receives mlflow.db (tracking + registry) and mlruns/ (artifacts)
     experiment_name: str = "tagger-quickstart"
     num_epochs: int = TrainConfig.num_epochs
+    holdout_size: float = 0.2  # share of the shipped data held out: the version is evaluated and gated on it
+    seed: int = TrainConfig.seed  # of that split

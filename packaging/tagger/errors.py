@@ -1,10 +1,19 @@
-"""Typed errors of the build-side commands (training, packaging, promotion), one line each on the CLI."""
+"""Typed errors of the build-side commands (training, packaging, promotion, batch jobs), one line each on the CLI.
+
+The served model's own errors (bad input, config, checkpoint and integrity, builds, inference) are in
+`mlflow_model.errors`; BuildError is re-exported here, since packaging raises it too.
+"""
 from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from mlflow_model.errors import TaggerError
+from mlflow_model.errors import BuildError, TaggerError
+
+__all__ = [
+    "BuildError", "DatasetError", "OptionError", "PromotionRefused", "RunSelectionError", "ServiceError",
+    "TrainConfigError", "TrainingError", "one_line",
+]
 
 
 class RunSelectionError(TaggerError):
@@ -25,8 +34,12 @@ class TrainConfigError(TaggerError):
     """A training setting is out of range (e.g. an unknown scheduler, zero epochs)."""
 
 
-class BuildError(TaggerError):
-    """An engine x precision that does not exist, or a build that failed its check against torch fp32."""
+class OptionError(TaggerError):
+    """A command-line option (or the config it fills) has a value the command cannot run with."""
+
+
+class TrainingError(TaggerError):
+    """A training or sweep job ended without what it must produce (e.g. no checkpoint reported)."""
 
 
 class ServiceError(TaggerError):

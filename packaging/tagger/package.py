@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
-from tagger.builds import accuracy_change, check_build, f1_metrics, is_reference, onnx_artifacts, save_reference_trace
-from tagger.bundle import INPUT_EXAMPLE, log_pyfunc, stage_artifacts
+from mlflow_model.engines import build_name
+from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
+from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
@@ -25,42 +26,39 @@ def trained_param(run: Run, name: str) -> str | None:
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
-    check_build(config.predictor.engine, config.predictor.precision)
     with tempfile.TemporaryDirectory() as tmp:
         # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
         source = mlflow.get_run(run_id)
         metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
         base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
+        predictor = config.predictor if config.trace else replace(config.predictor, forward="eager")
         trained_length = trained_param(source, "max_length")
-        if config.predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
-            config = replace(config, predictor=replace(config.predictor, max_length=int(trained_length)))
-        artifacts = reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
+            predictor = replace(predictor, max_length=int(trained_length))
+        reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
-        if is_reference(config.predictor) and config.predictor.trace:
-            save_reference_trace(artifacts)
-        if config.predictor.engine == "onnx":
-            rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
-            artifacts = onnx_artifacts(reference, f"{tmp}/onnx-model", config.predictor.precision, rows)
-        accuracy = {}
-        if not is_reference(config.predictor):
-            accuracy = accuracy_change(reference, artifacts, config.predictor, eval_dataset)
+        rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
+        artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows)
+        accuracy = {} if is_reference(predictor) else accuracy_change(reference, artifacts, predictor, eval_dataset)
+        predictor, signature = final_settings(artifacts, predictor)
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
-            mlflow.log_params(
-                {"source_run_id": run_id, "selection": f"{config.metric} {config.mode}", "encoder": base_model}
-                | {f"predictor.{k}": v for k, v in config.predictor.to_dict().items()}
-            )
-            mlflow.log_metrics(f1_metrics(accuracy))
-            info = log_pyfunc(artifacts, config.predictor, metadata={"source_run_id": run_id, **accuracy})
+            mlflow.log_params({"source_run_id": run_id, "selection": f"{config.metric} {config.mode}",
+                               "encoder": encoder_name(base_model)}
+                              | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
+        info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
+                          metadata={"source_run_id": run_id, **accuracy})
+        mlflow.log_metrics(f1_metrics(accuracy), run_id=run.info.run_id, model_id=info.model_id)  # run and model page
     tags = {
         "source_run_id": run_id,
         config.metric: f"{metric_value:.4f}",
         "checkpoint_path": checkpoint_path or "/",
         "package_run_id": run.info.run_id,
-        "engine": config.predictor.engine,
-        "precision": config.predictor.precision,
+        "engine": predictor.engine,
+        "precision": predictor.precision,
+        "forward": predictor.forward,
         "training_run": source.info.run_name,
         "encoder": encoder_name(base_model),
         "num_epochs": trained_param(source, "num_epochs") or "",
@@ -73,6 +71,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"**Training run**: {run_link(source.info.experiment_id, run_id, source.info.run_name)} (`{run_id}`), "
         f"the best of experiment `{config.experiment_name}` by {config.metric} {config.mode}; "
         f"packaged from its checkpoint at `{checkpoint_path or '/'}`",
-        f"**Build**: {config.predictor.engine} {config.predictor.precision}, encoder {encoder_name(base_model)}",
+        f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
+        f"encoder {encoder_name(base_model)}",
     ])
     return register_version(info.model_uri, config.model_name, tags, description)

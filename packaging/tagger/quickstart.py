@@ -8,7 +8,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from tagger.config import MODEL_NAME, PRODUCTION_STAGE, PackageConfig, QuickstartConfig, TrainConfig
+from tagger.config import CHAMPION_ALIAS, MODEL_NAME, SHIPPED_DATASET, PackageConfig, QuickstartConfig, TrainConfig
+from tagger.data import load_data, stratified_split
+from tagger.errors import PromotionRefused
 from tagger.gate import gated_promote
 from tagger.package import package_best_run
 from tagger.records import plural
@@ -41,6 +43,16 @@ def use_local_store(workdir: Path, experiment_name: str) -> str:
     return uri
 
 
+def split_shipped_data(folder: Path, holdout_size: float, seed: int) -> tuple[Path, Path]:
+    """The shipped dataset cut into a training part and a held-out part (stratified), written as two CSVs."""
+    train_part, holdout = stratified_split(load_data(str(SHIPPED_DATASET)), holdout_size, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "train.csv", folder / "holdout.csv"
+    for frame, path in zip((train_part, holdout), paths):
+        frame.to_csv(path, index=False)
+    return paths
+
+
 def serve_command(tracking_uri: str) -> str:
     """The shell command that serves the promoted model from this store (the environment's bin first on PATH:
     the scoring server starts `uvicorn` from PATH, so without it an inactive virtualenv fails with status 127)."""
@@ -48,7 +60,7 @@ def serve_command(tracking_uri: str) -> str:
     return (
         f"PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
         f"{shlex.quote(str(bin_dir / 'mlflow'))} models serve "
-        f"-m models:/{MODEL_NAME}/{PRODUCTION_STAGE} --env-manager local -h 127.0.0.1 -p 5000"
+        f"-m models:/{MODEL_NAME}@{CHAMPION_ALIAS} --env-manager local -h 127.0.0.1 -p 5000"
     )
 
 
@@ -63,14 +75,22 @@ def quickstart(config: QuickstartConfig) -> pd.DataFrame:
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = use_local_store(workdir, config.experiment_name)
-    print(f"[1/4] Training on Ray Train ({plural(config.num_epochs, 'epoch')}) into {tracking_uri}", flush=True)
-    train(TrainConfig(experiment_name=config.experiment_name, num_epochs=config.num_epochs))
+    train_csv, holdout_csv = split_shipped_data(workdir / "data", config.holdout_size, config.seed)
+    print(f"[1/4] Training on Ray Train ({plural(config.num_epochs, 'epoch')}) on {train_csv} into {tracking_uri}",
+          flush=True)
+    train(TrainConfig(experiment_name=config.experiment_name, dataset_loc=str(train_csv), num_epochs=config.num_epochs))
     print("[2/4] Packaging the best run by val_loss and registering it", flush=True)
-    version = package_best_run(PackageConfig(experiment_name=config.experiment_name))
-    print(f"[3/4] Promoting {version.name} version {version.version} to {PRODUCTION_STAGE} and @champion", flush=True)
-    gated_promote(version.name, str(version.version), None)
-    print(f"[4/4] Predicting with models:/{MODEL_NAME}/{PRODUCTION_STAGE}", flush=True)
-    predictions = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{PRODUCTION_STAGE}").predict(EXAMPLES)
+    version = package_best_run(PackageConfig(experiment_name=config.experiment_name, eval_dataset=str(holdout_csv)))
+    print(f"[3/4] Evaluating {version.name} version {version.version} on the held-out {holdout_csv.name} and "
+          f"promoting it to @{CHAMPION_ALIAS} unless it scores worse than the champion", flush=True)
+    try:
+        _, decision = gated_promote(version.name, str(version.version), str(holdout_csv))
+        print(f"      gate {decision.decision}: weighted F1 {decision.challenger_f1:.4f} on {holdout_csv.name}", flush=True)
+    except PromotionRefused as refused:
+        print(f"      {refused.message}", flush=True)
+    uri = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}"
+    print(f"[4/4] Predicting with {uri}", flush=True)
+    predictions = mlflow.pyfunc.load_model(uri).predict(EXAMPLES)
     table = EXAMPLES[["title"]].assign(
         prediction=predictions["prediction"],
         confidence=[round(max(p.values()), 3) for p in predictions["probabilities"]],

@@ -120,7 +120,10 @@ def package_note(version: ModelVersion) -> str:
 
 
 def link_runs(version: ModelVersion) -> None:
-    """Name the package run after the version; tag the training run with the versions it became (and say so)."""
+    """Name the package run after the version; link the training run to the model (the run page then lists it
+    among its logged and registered models), tag it with the versions it became and say so in its description."""
+    from mlflow.entities import LoggedModelOutput
+
     client = MlflowClient()
     if version.run_id:
         client.update_run(version.run_id, name=package_run_name(version.name, version.version))
@@ -129,6 +132,8 @@ def link_runs(version: ModelVersion) -> None:
         set_note(client, version.run_id, package_note(version))
     training_run = version.tags.get("source_run_id")
     if training_run:
+        if version.model_id:
+            client.log_outputs(training_run, [LoggedModelOutput(version.model_id, 0)])
         run = client.get_run(training_run)
         versions = [v for v in run.data.tags.get(VERSIONS_TAG, "").split(", ") if v]
         versions.append(f"{version.name} v{version.version}")

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from mlflow.tracking import MlflowClient
 
 from tagger.config import TrainConfig
+from tagger.errors import OptionError
 from tagger.sessions import experiment_for_run, ray_session
 from tagger.train import TrainResult, train
 
@@ -40,7 +41,7 @@ def grid(**values: Iterable[Any]) -> list[dict[str, Any]]:
     """Every combination of the given field values: grid(lr=[1e-4, 5e-5], dropout_p=[0.1]) -> 2 configs."""
     unknown = sorted(set(values) - set(SWEEPABLE))
     if unknown:
-        raise ValueError(f"cannot sweep {unknown}; sweepable fields: {SWEEPABLE}")
+        raise OptionError(f"cannot sweep {unknown}; sweepable fields: {SWEEPABLE}")
     names = [name for name, options in values.items() if list(options)]
     return [dict(zip(names, combo)) for combo in itertools.product(*(list(values[n]) for n in names))] or [{}]
 
@@ -48,7 +49,7 @@ def grid(**values: Iterable[Any]) -> list[dict[str, Any]]:
 def sweep(base: TrainConfig, overrides: list[dict[str, Any]], sweep_id: str | None = None) -> SweepResult:
     """Train base.replace(**o) for each o, each as its own MLflow run of base.experiment_name."""
     if not overrides:
-        raise ValueError("a sweep needs at least one configuration")
+        raise OptionError("a sweep needs at least one configuration")
     sweep_id = sweep_id or uuid.uuid4().hex[:8]
     base = base.replace(experiment_name=experiment_for_run(MlflowClient(), base.experiment_name))
     need = base.num_workers * base.cpu_per_worker

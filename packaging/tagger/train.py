@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_model.config import CHECKPOINT_ARTIFACT
 from tagger.config import BEST_PREFIX, CHECKPOINT_TAG, SCHEDULERS, SHIPPED_DATASET, TrainConfig, default_base_model
 from tagger.data import class_to_index, load_data, stratified_split
-from tagger.errors import DatasetError, TrainConfigError
+from tagger.errors import DatasetError, TrainConfigError, TrainingError
 from tagger.records import dataset_name, encoder_name, log_dataset, plural, set_note, short_number, train_run_name
 from tagger.sessions import absolute_tracking_uri, experiment_for_run, open_run, ray_session
 
@@ -166,7 +166,7 @@ def log_best_checkpoint(client: MlflowClient, run_id: str, result: Any) -> None:
 
     checkpoint = result.get_best_checkpoint("val_loss", "min") or result.checkpoint
     if checkpoint is None:
-        raise RuntimeError("training reported no checkpoint")
+        raise TrainingError("training reported no checkpoint: no epoch finished; see the Ray Train log above")
     with checkpoint.as_directory() as folder:
         for path in sorted(os.scandir(folder), key=lambda entry: entry.name):
             if path.is_file() and path.name != TRAINING_STATE_FILE:
