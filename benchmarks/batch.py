@@ -129,7 +129,7 @@ def run_seed_job(model_uri: str, path: str) -> None:
     from speed import seed_predictions
 
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
-    eager = {"trace": False}  # the seed ran the eager model (and Ray ships it to its workers by pickling)
+    eager = {"forward": "eager"}  # the seed ran the eager model (and Ray ships it to its workers by pickling)
     predictor = mlflow.pyfunc.load_model(model_uri, model_config=eager).unwrap_python_model().predictor
     outputs = seed_predictions(predictor, ray.data.read_csv(path))
     print(f"seed rows: {len(outputs)}")

@@ -30,16 +30,17 @@ import numpy as np
 import pandas as pd
 
 from mlflow_model.batching import pad_batch
-from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, TRACE_FILE, PredictorConfig
-from mlflow_model.predictor import Predictor, load_predictor
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
+from mlflow_model.engines import ENGINES, build_name
+from mlflow_model.errors import BuildError
+from mlflow_model.predictor import Predictor
 from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts, tokenize
 from serving import NOOP_LABEL, bench_server, load_rows, request_body, save_noop_model
 from serving import targets as serving_targets
-from tagger.builds import BUILDS, onnx_artifacts, save_reference_trace
-from tagger.errors import BuildError
+from tagger.builds import make_build
 from tagger.metrics import scores
 
-REFERENCE = "torch fp32"
+REFERENCE = build_name("torch", "fp32")
 
 
 @dataclass(frozen=True)
@@ -59,42 +60,33 @@ def reference_artifacts(model_uri: str, folder: Path) -> tuple[dict[str, str], P
     return artifacts, PredictorConfig.from_dict(config)
 
 
-def as_packaged_now(reference: dict[str, str], folder: Path) -> dict[str, str]:
-    """The reference files with the trace that `package` now ships for torch fp32 (a model packaged before has none)."""
-    if (Path(reference[CHECKPOINT_ARTIFACT]) / TRACE_FILE).is_file():
-        return reference
-    copy = {name: str(shutil.copytree(path, folder / "reference" / name)) for name, path in reference.items()}
-    save_reference_trace(copy)
-    return copy
-
-
 def make_builds(reference: dict[str, str], base: PredictorConfig, folder: Path, rows: pd.DataFrame) -> list[Build]:
-    """Every build: torch ones share the reference files, ONNX ones are exported and checked here."""
-    base = replace(base, engine="torch", precision="fp32", max_request_rows=None)
-    reference = as_packaged_now(reference, folder)
+    """Every build of the registry, each made from the reference files as `package` makes it."""
+    base = replace(base, engine="torch", precision="fp32", forward=None, max_request_rows=None)
     builds = []
-    for engine, precisions in BUILDS.items():
-        for precision in precisions:
-            artifacts = reference
-            if engine == "onnx":
-                try:
-                    artifacts = onnx_artifacts(reference, folder / f"onnx-{precision}", precision, rows)
-                except BuildError as error:  # packaging would refuse it too: report it, measure the others
-                    print(f"onnx {precision} not measured: {error.message}")
-                    continue
-            builds.append(Build(f"{engine} {precision}", artifacts, replace(base, engine=engine, precision=precision)))
+    for engine, spec in ENGINES.items():
+        for precision in spec.precisions:
+            name = build_name(engine, precision)
+            staged = {key: str(shutil.copytree(path, folder / name / "staged" / key)) for key, path in reference.items()}
+            try:
+                artifacts, config = make_build(staged, folder / name / "build", replace(base, engine=engine,
+                                                                                       precision=precision), rows)
+            except BuildError as error:  # packaging would refuse it too: report it, measure the others
+                print(f"{name} not measured: {error.message}")
+                continue
+            builds.append(Build(name, artifacts, config))
     builds.insert(1, eager(replace(builds[0], name=f"{REFERENCE} eager")))  # what the trace gains
     return builds
 
 
 def load(build: Build) -> Predictor:
     """The build's predictor, as the served model builds it."""
-    return load_predictor(build.artifacts[CHECKPOINT_ARTIFACT], build.artifacts[ENCODER_ARTIFACT], build.config)
+    return Predictor.from_directories(build.artifacts[CHECKPOINT_ARTIFACT], build.artifacts[ENCODER_ARTIFACT], build.config)
 
 
 def eager(build: Build) -> Build:
     """The build with its torch model run eagerly: FLOP counting needs eager ops, and the seed ran it so."""
-    return replace(build, config=replace(build.config, trace=False))
+    return replace(build, config=replace(build.config, forward="eager"))
 
 
 def best_rate(predictor: Predictor, frame: pd.DataFrame, repeats: int) -> float:

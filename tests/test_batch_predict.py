@@ -117,15 +117,16 @@ def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_pred
     assert sorted(parquet["id"]) == [14, 15, 16] and set(parquet["prediction"]) <= TAGS
 
 
-def test_the_actor_predicts_good_rows_as_the_predictor_does_and_names_bad_ones(tiny_checkpoint, tiny_encoder):
-    predictor = Predictor.from_directories(tiny_checkpoint, tiny_encoder)
-    actor = object.__new__(TaggerActor)  # the actor's __call__ on a real predictor, without loading from MLflow
-    actor.predictor, actor.id_column = predictor, "id"
-    actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in predictor.index_to_class])
-    batch = pd.DataFrame({"id": [1, 2, 3], "title": ["image model", None, "bert text"], "description": [np.nan] * 3})
+def test_the_actor_predicts_good_rows_through_the_pyfunc_and_names_bad_ones(packaged_model):
+    actor = object.__new__(TaggerActor)  # the actor's __call__ on the packaged pyfunc, without Ray
+    actor.model, actor.id_column = packaged_model, "id"
+    actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in packaged_model.metadata.metadata["labels"]])
+    batch = pd.DataFrame({"id": [1, 2, 3], "title": ["image model", None, "bert text"], "description": [np.nan] * 3,
+                          "extra": ["kept", "in", "output"]})
     rows = actor(batch)
     assert rows.column("error").to_pylist() == [None, "row 2: column 'title' is null; it must be a string", None]
-    expected = predictor.predict(pd.DataFrame({"title": ["image model", "bert text"], "description": [None, None]}))
+    assert rows.column("extra").to_pylist() == ["kept", "in", "output"]
+    expected = packaged_model.predict(pd.DataFrame({"title": ["image model", "bert text"], "description": [None, None]}))
     assert rows.column("prediction").to_pylist() == [expected["prediction"][0], None, expected["prediction"][1]]
     probabilities = rows.column("probabilities").to_pylist()
     assert probabilities[1] is None

@@ -151,8 +151,9 @@ class TaggerActor:
         table = pa.Table.from_pandas(batch, preserve_index=False)
         if batch.empty:
             predictions = NO_PREDICTIONS
-        else:  # every row validated once; the rows of the whole batch length-sorted together
-            predictions = self.model.predict(batch[list(INPUT_COLUMNS)], params={"bad_rows": "report"})
+        else:  # object columns: a column of nulls is a bad row each, not a type error of the whole batch
+            inputs = batch[list(INPUT_COLUMNS)].astype(object)
+            predictions = self.model.predict(inputs, params={"bad_rows": "report"})
         errors = [
             None if problem is None else f"{row_reference(batch.iloc[position], self.id_column)}: {problem}"
             for position, problem in enumerate(predictions["error"])
