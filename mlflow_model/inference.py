@@ -109,7 +109,7 @@ class InferenceThread:
         """Probabilities of these rows (rows x classes, input order), computed on the inference thread.
 
         A request of more than `max_batch_rows` rows is length-sorted as a whole before it is cut into
-        chunks, so that each chunk holds rows of similar length (1.5x the rows/s of unsorted chunks).
+        chunks, so that each chunk holds rows of similar length (less padding than unsorted chunks).
         """
         if len(token_ids) <= self.max_batch_rows:
             return self._submit(token_ids, batch_size)

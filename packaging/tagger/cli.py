@@ -146,7 +146,7 @@ def cli(verbose: bool) -> None:
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
-         help="Serving: most rows one request may hold (default: measured here, half the request timeout's worth).")
+         help="Serving: most rows one request may hold (default: measured at packaging, half the request timeout's worth).")
 @setting("--eval-dataset", PackageConfig, help="Labelled CSV for a build's F1 change (default: data/projects.csv).")
 @setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
          "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
