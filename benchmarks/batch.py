@@ -11,7 +11,7 @@ same run:
   call the batch actors make, over the smallest scale's rows (rows/s);
 - each batch job as a user runs it (`tagger batch-predict`, a fresh process that starts a local Ray):
   end-to-end rows/s; steady-state rows/s (from the output files' row counts and write times, after the
-  first file); start-up (the part of the end-to-end time that the steady rate does not explain); peak
+  first file; it needs at least 3 output files, so inputs of a few thousand rows or more); start-up (the part of the end-to-end time that the steady rate does not explain); peak
   RSS of the driver and of the largest Ray worker (the actor);
 - a plain Ray Data pipeline on one scale's one-file input (--pipeline-scale), from a fresh process:
   read_csv -> map_batches(preprocess) -> map_batches(predict, the torch model in the closure) ->
@@ -135,7 +135,9 @@ def run_pipeline_job(model_uri: str, path: str) -> None:
     import mlflow_model.predictor  # noqa: F401 - the installed runtime code
     from speed import pipeline_predictions
 
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+    # A Ray of its own (address="local"), never one that something else runs on this machine.
+    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+             log_to_driver=False)
     # The pipeline ships the torch model itself to its tasks (by pickling): the eager model, not a trace.
     eager = {"forward": "eager"}
     predictor = mlflow.pyfunc.load_model(model_uri, model_config=eager).unwrap_python_model().predictor
@@ -152,18 +154,20 @@ def goals(results: dict[str, Any], scales: list[int]) -> dict[str, bool]:
     the largest scale, end to end at least 0.75x in-process (start-up paid off); from the smallest
     to the largest scale, the steady cost per row within 15% and the driver's peak memory flat
     (nothing grows with the input); and end to end at least 3x the plain Ray Data pipeline on the
-    same rows.
+    same rows. A job that wrote fewer than 3 output files has no steady rate: its steady goals are left out.
     """
     in_process, jobs = results["in_process"]["rows_per_s"], results["jobs"]
     small, large = f"x{min(scales)}", f"x{max(scales)}"
     checks = {}
     for name, job in jobs.items():
-        checks[f"{name}: steady-state >= 0.9x in-process"] = job["steady_rows_per_s"] >= 0.9 * in_process
+        if np.isfinite(job["steady_rows_per_s"]):
+            checks[f"{name}: steady-state >= 0.9x in-process"] = job["steady_rows_per_s"] >= 0.9 * in_process
     for layout in LAYOUTS:
         big, little = jobs[f"{large} {layout}"], jobs[f"{small} {layout}"]
         checks[f"{large} {layout}: end to end >= 0.75x in-process"] = big["rows_per_s"] >= 0.75 * in_process
         change = big["steady_rows_per_s"] / little["steady_rows_per_s"] - 1
-        checks[f"{layout}: steady cost per row {small} -> {large} within 15% ({change:+.0%})"] = abs(change) <= 0.15
+        if np.isfinite(change):
+            checks[f"{layout}: steady cost per row {small} -> {large} within 15% ({change:+.0%})"] = abs(change) <= 0.15
         growth = big["driver_mb"] / little["driver_mb"] - 1
         checks[f"{layout}: driver peak {small} -> {large} flat ({growth:+.0%}, within 15%)"] = growth <= 0.15
     if "ray_data_pipeline" in results:

@@ -199,7 +199,9 @@ def pipeline_rate(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
     import ray
 
     with load(eager(reference)) as predictor:  # what the tasks need, without the predictor's thread
-        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+        # A Ray of its own (address="local"), never one that something else runs on this machine.
+        ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                 log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             pipeline_predictions(predictor, ray.data.from_pandas(frame.head(2)))  # workers started, functions shipped
