@@ -66,7 +66,7 @@ def table(report: dict) -> str:
         ),
         f"{'weighted':30} {scores['precision']:9.4f} {scores['recall']:9.4f} {scores['f1']:9.4f} {scores['num_samples']:8d}",
         "",
-        f"accuracy {scores['accuracy']:.4f}; best epoch {report['best_epoch']} of {report['config']['num_epochs']} "
+        f"accuracy {scores['accuracy']:.4f}; best epoch {report['best_epoch'] + 1} of {report['config']['num_epochs']} "
         f"(val_loss {report['val']['val_loss']:.4f}, val_f1 {report['val']['val_f1']:.4f})",
         f"train minutes {timing['train_minutes']:.2f} (TorchTrainer.fit: workers, model load, epochs; "
         f"+{timing['ray_start_seconds']:.0f}s Ray start), epochs loop {timing['loop_seconds']:.1f}s, "
