@@ -10,12 +10,13 @@ same run:
 - in process: `mlflow.pyfunc.load_model(uri).predict(frame, params={"bad_rows": "report"})`, the
   call the batch actors make, over the smallest scale's rows (rows/s);
 - each batch job as a user runs it (`tagger batch-predict`, a fresh process that starts a local Ray):
-  end-to-end rows/s; steady-state rows/s (from the output files' row counts and write times, after the
-  first file; it needs at least 3 output files, so inputs of a few thousand rows or more); start-up (the part of the end-to-end time that the steady rate does not explain); peak
-  RSS of the driver and of the largest Ray worker (the actor);
-- a plain Ray Data pipeline on one scale's one-file input (--pipeline-scale), from a fresh process:
-  read_csv -> map_batches(preprocess) -> map_batches(predict, the torch model in the closure) ->
-  take_all, the usual way to run a model on Ray Data, for comparison.
+  end-to-end rows/s; steady-state rows/s (from the output files' row counts and write times, after
+  the first file; it needs at least 3 output files, so inputs of a few thousand rows or more);
+  start-up (the part of the end-to-end time that the steady rate does not explain); peak RSS of the
+  driver and of the largest Ray worker (the actor);
+- a plain Ray Data pipeline on one scale's one-file input (--pipeline-scale), from a fresh process
+  (read_csv -> map_batches(preprocess) -> map_batches(predict, the torch model in the closure) ->
+  take_all, as the Made With ML course predicts in batch), for comparison.
 Then it reports, PASS or FAIL, the goals a batch job should meet (see `goals`). Other work on the
 machine slows every figure: run it on a quiet machine (it prints the load average before and after).
 """

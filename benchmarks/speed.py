@@ -13,8 +13,8 @@ torch-fp32 run eagerly (what the shipped trace gains), and measures them in the 
 - the fp32 floor: this CPU's fp32 matmul rate on the model's own matrix shapes divided by the
   FLOPs of one row, what a perfect fp32 engine would reach ("x floor" compares each build with it);
 - a plain Ray Data pipeline over the same rows (from_pandas -> map_batches(preprocess) ->
-  map_batches(predict, the torch model in the closure) -> take_all), the usual way to run a model
-  on Ray Data, for comparison;
+  map_batches(predict, the torch model in the closure) -> take_all, as the Made With ML course
+  predicts in batch), for comparison;
 - served by `mlflow models serve` (each build logged to a temporary store as `tagger package` logs
   it, beside a do-nothing pyfunc, with benchmarks/serving.py): ready time, worker RSS, 1-client
   p50/p99, rows/s at --clients clients. --served-seconds 0 skips this part.
