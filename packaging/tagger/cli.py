@@ -147,7 +147,8 @@ def cli(verbose: bool) -> None:
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
          help="Serving: most rows one request may hold (default: measured at packaging, half the request timeout's worth).")
-@setting("--eval-dataset", PackageConfig, help="Labelled CSV for a build's F1 change (default: data/projects.csv).")
+@setting("--eval-dataset", PackageConfig,
+         help="Labelled CSV for a build's F1 change (default: the shipped tagger/datasets/projects.csv).")
 @setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
          "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
 def package(experiment_name: str, **values: Any) -> None:
@@ -260,7 +261,8 @@ def train_options(function: Any) -> Any:
     options = [
         setting("--experiment-name", T, help="MLflow experiment that receives the run(s) (default: under `mlflow "
                 "run`, the experiment of its run; else tagger)."),
-        setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: data/projects.csv)."),
+        setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: the shipped "
+                "tagger/datasets/projects.csv)."),
         setting("--base-model", T, help="Encoder folder or Hugging Face name (default: bundled all-MiniLM-L6-v2)."),
         setting("--num-workers", T, WholeNumber(), help="Ray Train workers (data parallel)."),
         setting("--cpu-per-worker", T, WholeNumber(), help="Ray CPUs per worker, also its torch threads."),

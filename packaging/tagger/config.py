@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
 BEST_PREFIX = "best_"  # training run summary metrics: best_val_loss, ... (the best epoch's, its checkpoint's)
-# The small labelled dataset the project ships (build time only).
-SHIPPED_DATASET = Path(__file__).resolve().parents[2] / "data" / "projects.csv"
+# The small labelled dataset the project ships (build time only): package data of `tagger`, so it is
+# there wherever tagger is installed (a wheel is installed as plain files, so this is a real path).
+SHIPPED_DATASET = Path(str(resources.files("tagger") / "datasets" / "projects.csv"))
 SCHEDULERS = ("linear", "cosine", "plateau", "constant")
 DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what default_base_model() holds
 

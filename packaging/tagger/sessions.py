@@ -13,11 +13,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow_model
+import tagger
 from tagger.errors import ServiceError, one_line
 
-# What Ray workers on another machine need to import: the served model's code and this package.
-RUNTIME_PACKAGE = Path(__file__).resolve().parents[2] / "mlflow_model"
-BUILD_PACKAGE = Path(__file__).resolve().parent
+# What Ray workers on another machine need to import: the served model's code and this package. Both are
+# found where Python imports them from (a source checkout, an editable install or an installed wheel).
+RUNTIME_PACKAGE = Path(mlflow_model.__file__).resolve().parent
+BUILD_PACKAGE = Path(tagger.__file__).resolve().parent
 DEFAULT_EXPERIMENT = "tagger"  # train's experiment when none is named and no `mlflow run` names one
 # Driver settings that Ray workers of a joined cluster get through the runtime env (plus every AWS_*).
 WORKER_VARIABLES = (
