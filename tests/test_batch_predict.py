@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # a real local Ray
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray with 2 CPUs for this module's tests, shut down afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
