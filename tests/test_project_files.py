@@ -43,7 +43,6 @@ def test_no_build_module_shadows_an_installed_top_level_package():
 
 def test_build_side_finds_the_runtime_package_and_shipped_dataset_by_import():
     """What a wheel installed anywhere needs: no path leads out of the installed packages to a source checkout."""
-    import fnmatch
     from importlib import resources
     from pathlib import Path
 
@@ -61,11 +60,6 @@ def test_build_side_finds_the_runtime_package_and_shipped_dataset_by_import():
     assert SHIPPED_DATASET.is_file() and SHIPPED_DATASET.resolve().is_relative_to(build_package)
     assert SHIPPED_DATASET.read_text().splitlines()[0].split(",")[:4] == ["id", "title", "description", "tag"]
     assert not (ROOT / "data").exists()
-    # every file of the shipped dataset's folder goes into the wheel as package data
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tagger"]
-    datasets = ROOT / "packaging" / "tagger" / "datasets"
-    shipped = [path.relative_to(datasets.parent).as_posix() for path in datasets.iterdir()]
-    assert shipped and all(any(fnmatch.fnmatch(name, p) for p in patterns) for name in shipped), (shipped, patterns)
     # no module reaches past its own package through its file's location
     leaves = re.compile(r"parents\[|\.parent\.parent|dirname\(\s*(os\.path\.)?dirname|['\"]\.\.['\"]")
     for folder in (ROOT / "mlflow_model", ROOT / "packaging" / "tagger"):
@@ -73,3 +67,21 @@ def test_build_side_finds_the_runtime_package_and_shipped_dataset_by_import():
             for number, line in enumerate(module.read_text().splitlines(), 1):
                 assert "parents[" not in line, f"{module}:{number}: {line.strip()}"
                 assert not ("__file__" in line and leaves.search(line)), f"{module}:{number}: {line.strip()}"
+
+
+def test_the_wheel_holds_every_package_and_the_shipped_dataset():
+    """pyproject lists each package and subpackage (setuptools adds no other) and the dataset as package data."""
+    import fnmatch
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"mlflow_model": "mlflow_model", "tagger": "packaging/tagger"}
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join([name, *init.parent.relative_to(ROOT / folder).parts]))
+    assert sorted(setuptools["packages"]) == sorted(found)
+    patterns = setuptools["package-data"]["tagger"]
+    datasets = ROOT / "packaging" / "tagger" / "datasets"
+    shipped = [path.relative_to(datasets.parent).as_posix() for path in datasets.iterdir()]
+    assert "datasets/projects.csv" in shipped
+    assert all(any(fnmatch.fnmatch(name, p) for p in patterns) for name in shipped), (shipped, patterns)
