@@ -19,6 +19,7 @@ from tagger.package import package_best_run
 def packaged(tmp_path, tiny_encoder, tracking_uri) -> dict:
     """One training run packaged as torch-fp32: the version, the training run and the package run."""
     training = log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=1), 0.4)
+    mlflow.set_experiment("Default")  # as in a fresh `tagger package`: the current experiment is not the run's
     version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder)))
     client = MlflowClient()
     return {"version": version, "training": client.get_run(training), "package": client.get_run(version.run_id)}
@@ -47,5 +48,6 @@ def test_the_training_and_package_runs_both_list_the_logged_model_that_became_th
     assert len(package_outputs) == 1 and training_outputs == package_outputs
     model = MlflowClient().get_logged_model(package_outputs[0])
     assert model.source_run_id == packaged["package"].info.run_id
+    assert model.experiment_id == packaged["package"].info.experiment_id  # not the Default experiment
     assert model.params["forward"] == "shipped_trace"  # the model page shows the settings, each once
     assert packaged["version"].run_id == packaged["package"].info.run_id
