@@ -58,6 +58,11 @@ EOF
 
 echo "wheel-smoke: tagger quickstart from $PWD"
 "$work/venv/bin/tagger" quickstart --workdir "$work/store" --num-epochs 1 "$@"
+if [ -n "$(ls -A)" ]; then  # everything belongs in --workdir
+  echo "wheel-smoke: the quickstart wrote into the folder it ran from, not only into --workdir:" >&2
+  find . -maxdepth 4 >&2
+  exit 1
+fi
 
 echo "wheel-smoke: loading the promoted model from its own files"
 "$work/venv/bin/python" - "$work/store" <<'EOF'
@@ -67,7 +72,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-mlflow.set_tracking_uri(f"sqlite:///{Path(sys.argv[1]).resolve() / 'mlflow.db'}")
+store = Path(sys.argv[1]).resolve()
+mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+version = mlflow.MlflowClient().get_model_version_by_alias("tagger", "champion")
+location = mlflow.get_logged_model(version.source.removeprefix("models:/")).artifact_location  # source: models:/m-...
+assert location.removeprefix("file://").startswith(str(store)), f"the model's files are at {location}, not in {store}"
 local = Path(mlflow.artifacts.download_artifacts("models:/tagger@champion")).resolve()
 code = local / "code" / "mlflow_model"
 assert (code / "__init__.py").is_file() and (code / "pyfunc.py").is_file(), f"no runtime package in {code}"
