@@ -172,9 +172,11 @@ def join_cluster(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats);
-    yields True if local.
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, init_options: dict[str, Any] | None = None
+) -> Iterator[bool]:
+    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats,
+    plus `init_options` for ray.init); yields True if local.
 
     A no-op when this process is already connected. The connection made here is closed at the end
     (a local Ray stops; a joined cluster keeps running).
@@ -189,7 +191,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = ray_address(address)
     if address is None:  # local workers import both packages from this environment and inherit its variables
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning")
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning", **(init_options or {}))
     else:
         join_cluster(address)
     try:
