@@ -203,8 +203,7 @@ class ModelHolder:
             self._failed(None, f"cannot look up {self.model_uri}: {one_line(error)}")
             return False
         if target.label == self.current.label:
-            if self.failed_label is None:
-                self.last_error = None  # the alias came back to what serves: nothing is wrong any more
+            self.failed_label = self.last_error = None  # (back) on what serves: nothing is wrong any more
             return False
         if target.label == self.failed_label:
             return False  # failed already; retried only when the alias moves again
