@@ -44,6 +44,11 @@ ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
 VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
 STAGE_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<stage>[A-Za-z][^/@]*)/?$")
 BUILDER_IMPORT_PATH = "tagger.serve:build_app"
+# Ray Serve's proxy sends every request to a replica on its own node while that one has room
+# (max_ongoing_requests): with one proxy (HeadOnly) the other nodes' replicas would idle. Read by
+# the proxy when it starts: a local Ray inherits it from `tagger serve`; on a cluster, set it in the
+# environment of `ray start` on the head node.
+SPREAD_ENV = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0", "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0"}
 _log = logging.getLogger("tagger.serve")
 
 
@@ -329,6 +334,7 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
         "max_ongoing_requests": config.max_ongoing_requests,
         "health_check_period_s": 5.0,
         "graceful_shutdown_timeout_s": 5.0,
+        "logging_config": {"enable_access_log": False},  # one line per request costs the replica CPU
     }
     if config.min_replicas is not None or config.max_replicas is not None:
         low = config.min_replicas if config.min_replicas is not None else 1
@@ -436,6 +442,8 @@ def run_in_foreground(config: ServeConfig, ready: Any = print) -> None:
     from tagger.sessions import absolute_tracking_uri, ray_session
 
     os.environ["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(mlflow.get_tracking_uri())  # local replicas inherit it
+    for name, value in SPREAD_ENV.items():
+        os.environ.setdefault(name, value)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     init = {"_metrics_export_port": config.metrics_export_port} if config.metrics_export_port else {}
