@@ -151,7 +151,9 @@ def cluster(registry) -> Iterator[SimpleNamespace]:
 
     from tagger.serve import start_application, stop_application
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    metrics_port = free_port()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                          "metrics_export_port": metrics_port})
     try:
         nodes.add_node(num_cpus=1)
         ray.init(address=nodes.address, logging_level="warning")
@@ -159,7 +161,7 @@ def cluster(registry) -> Iterator[SimpleNamespace]:
                              port=free_port(), request_timeout_s=20)
         try:
             url = start_application(config)
-            yield SimpleNamespace(url=url, nodes=nodes)
+            yield SimpleNamespace(url=url, nodes=nodes, metrics=f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             stop_application(local=True)
             serve.shutdown()
@@ -259,6 +261,21 @@ def test_predictions_carry_the_metrics_labels_and_health_json(cluster):
     body = response.json()
     assert response.headers[HEADER] == body["model_version"] == "tagger/1"
     assert body["last_error"] is None and body["model_uri"] == "models:/tagger@champion"
+
+
+def test_the_head_node_exports_taggers_metrics_with_the_model_version(cluster):
+    for _ in range(10):
+        assert post(cluster.url, {"dataframe_records": RECORDS}).status_code == 200
+    deadline, text = time.monotonic() + 60, ""
+    wanted = ("ray_tagger_rows_predicted", "ray_tagger_request_rows_bucket", "ray_tagger_forward_seconds_bucket",
+              "ray_tagger_model_loaded", "ray_serve_num_http_requests")
+    while time.monotonic() < deadline:
+        text = requests.get(cluster.metrics, timeout=10).text
+        if all(name in text for name in wanted) and 'model_version="tagger/1"' in text:
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing and 'model_version="tagger/1"' in text, missing
 
 
 def load(url: str, stop: threading.Event, results: list, timeout: float = 20.0) -> None:
