@@ -381,3 +381,25 @@ def test_a_killed_replica_is_replaced_and_no_client_hangs(cluster):
     assert results[-1][2] == 200
     print(f"kill: {len(results)} requests, {sum(r[2] != 200 for r in results)} answered 5xx, "
           f"replica back after {back - killed:.1f} s")
+
+
+def test_a_worker_node_that_leaves_takes_its_replica_and_the_rest_keep_answering(cluster):
+    health = replica_health(cluster.url)
+    head = cluster.nodes.head_node.node_id
+    assert len(health) == 2 and {h["node_id"] for h in health.values()} >= {head}
+    worker = next(node for node in cluster.nodes.worker_nodes)
+    stop, results, threads = start_load(cluster.url)
+    try:
+        time.sleep(2)
+        left = time.monotonic()
+        cluster.nodes.remove_node(worker, allow_graceful=False)
+        time.sleep(10)
+    finally:
+        end_load(stop, threads)
+    errors = [r for r in results if not isinstance(r[2], int)]
+    assert not errors, errors[:5]  # no hung or dropped client
+    assert all(r[2] == 200 or r[2] >= 500 for r in results)
+    late = [r for r in results if r[0] > left + 5]
+    assert late and all(r[2] == 200 for r in late), [r for r in late if r[2] != 200][:5]
+    assert {h["node_id"] for h in replica_health(cluster.url, tries=10).values()} == {head}
+    print(f"node left: {len(results)} requests, {sum(r[2] != 200 for r in results)} answered 5xx")

@@ -185,16 +185,20 @@ class ModelHolder:
         self.failed_label: str | None = None
         self.swaps = 0
         self._stop = threading.Event()
-        self._set_loaded(None, self.current.label)
+        self.announced: str | None = None  # the version the tagger_model_loaded gauge shows
         self.movable = is_movable(model_uri) and poll_s > 0
         if self.movable:
             threading.Thread(target=self._poll, name="tagger-registry-poll", daemon=True).start()
 
-    def _set_loaded(self, old: str | None, new: str) -> None:
-        if self.metrics is not None:
-            if old is not None:
-                self.metrics.loaded.set(0, tags={"model_version": old})
-            self.metrics.loaded.set(1, tags={"model_version": new})
+    def announce(self) -> None:
+        """Point the tagger_model_loaded gauge at the version serving (from a request: a gauge set while the
+        replica is being constructed is not exported)."""
+        label = self.current.label
+        if self.metrics is not None and self.announced != label:
+            if self.announced is not None:
+                self.metrics.loaded.set(0, tags={"model_version": self.announced})
+            self.metrics.loaded.set(1, tags={"model_version": label})
+            self.announced = label
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -222,7 +226,6 @@ class ModelHolder:
             return False
         old, self.current = self.current, new
         self.failed_label, self.last_error, self.swaps = None, None, self.swaps + 1
-        self._set_loaded(old.label, new.label)
         _log.warning("tagger serve: switched from %s to %s", old.label, new.label)
         threading.Timer(self.close_after_s, old.close).start()
         return True
@@ -291,6 +294,8 @@ class TaggerServer:
         from starlette.responses import Response
 
         served = self.holder.current  # one version answers the whole request, even during a switch
+        if self.holder.announced != served.label:
+            self.holder.announce()
         headers = {VERSION_HEADER: served.label}
         path, method = request.url.path.rstrip("/") or "/", request.method
         if path == "/invocations":
