@@ -32,7 +32,7 @@ from tagger.config import PackageConfig, ServeConfig
 from tagger.package import package_best_run
 from tagger.serve import SPREAD_ENV
 
-pytestmark = pytest.mark.slow  # Ray clusters, Ray Serve and a scoring server
+slow = pytest.mark.slow  # Ray clusters, Ray Serve and a scoring server (every test but the first few)
 
 MAX_ROWS = 40  # the packaged per-request row limit
 HEADER = "X-Tagger-Model-Version"
@@ -78,9 +78,78 @@ def post(url: str, payload: dict, timeout: float = 30) -> requests.Response:
     return requests.post(f"{url}/invocations", json=payload, timeout=timeout)
 
 
+# ------------------------------------------------------------------ which version, rollout logic (no Ray)
+
+
+class FakeModel:
+    """Stands in for a loaded pyfunc in the rollout logic."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_holder(monkeypatch, uri: str, registry: dict, broken: set) -> object:
+    import tagger.serve as ts
+
+    def resolve(model_uri: str):
+        version = registry["alias"]
+        return ts.Resolved(f"models:/tagger/{version}", f"tagger/{version}")
+
+    def load(resolved, threads, metrics):
+        if resolved.label in broken:
+            raise RuntimeError(f"{resolved.label}: changed: checkpoint/class_to_index.json")
+        registry["loads"].append(resolved.label)
+        return FakeModel(resolved.label)
+
+    monkeypatch.setattr(ts, "resolve", resolve)
+    monkeypatch.setattr(ts, "load", load)
+    return ts.ModelHolder(uri, threads=1, poll_s=0, metrics=None)
+
+
+def test_an_alias_move_loads_the_new_version_then_switches_and_a_failure_keeps_the_old(monkeypatch):
+    registry = {"alias": "1", "loads": []}
+    holder = fake_holder(monkeypatch, "models:/tagger@champion", registry, broken={"tagger/3"})
+    assert holder.current.label == "tagger/1" and not holder.check()
+    registry["alias"] = "2"
+    assert holder.check() and holder.current.label == "tagger/2" and holder.swaps == 1
+    registry["alias"] = "3"
+    assert not holder.check() and holder.current.label == "tagger/2"
+    assert holder.last_error["version"] == "tagger/3"
+    assert "tagger/3 failed to load, tagger/2 keeps serving" in holder.last_error["message"]
+    assert not holder.check() and registry["loads"] == ["tagger/1", "tagger/2"]  # not retried every poll
+    registry["alias"] = "2"
+    assert not holder.check() and holder.last_error is None  # back on what serves
+
+
+def test_which_uris_follow_the_registry():
+    from tagger.serve import is_movable, resolve
+
+    assert is_movable("models:/tagger@champion") and is_movable("models:/tagger/Production")
+    assert not is_movable("models:/tagger/3") and not is_movable("runs:/abc/model") and not is_movable("/tmp/m")
+    assert resolve("models:/tagger/3").label == "tagger/3"  # a pinned version needs no registry
+    assert resolve("/tmp/model").label == "/tmp/model"
+
+
+def test_replicas_or_autoscaling_and_the_replica_cpus():
+    from tagger.serve import deployment_options, inference_threads
+
+    fixed = deployment_options(ServeConfig(replicas=3, replica_cpus=2))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2}
+    scaled = deployment_options(ServeConfig(min_replicas=1, max_replicas=4))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"]["min_replicas"] == 1 and scaled["autoscaling_config"]["max_replicas"] == 4
+    assert [inference_threads(c) for c in (0.5, 1, 2, 3.6)] == [1, 1, 2, 4]
+
+
 # ------------------------------------------------------------------ the CLI, its own local Ray
 
 
+@slow
 def test_write_config_is_a_serve_deploy_config(registry, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
@@ -104,6 +173,7 @@ def test_write_config_is_a_serve_deploy_config(registry, tmp_path):
     assert replicas.exit_code != 0 and "not both" in replicas.output
 
 
+@slow
 def test_tagger_serve_runs_in_the_foreground_until_sigint_and_leaves_no_ray_process(registry, tmp_path):
     import psutil
 
@@ -182,6 +252,7 @@ def replica_health(url: str, tries: int = 40) -> dict[int, dict]:
     return seen
 
 
+@slow
 def test_replicas_run_on_both_nodes(cluster):
     health = replica_health(cluster.url)
     assert len({h["node_id"] for h in health.values()}) == 2, health
@@ -242,6 +313,7 @@ def comparable(response: requests.Response) -> object:
     return body
 
 
+@slow
 def test_same_requests_get_the_same_answers_as_mlflow_models_serve(cluster, registry):
     with scoring_server("models:/tagger/1", registry.uri, registry.folder) as mlflow_url:
         for method, path, content_type, body in contract_cases():
@@ -256,6 +328,7 @@ def test_same_requests_get_the_same_answers_as_mlflow_models_serve(cluster, regi
                 assert "Traceback" not in ours.text, case
 
 
+@slow
 def test_predictions_carry_the_metrics_labels_and_health_json(cluster):
     response = requests.get(f"{cluster.url}/health", timeout=10)
     body = response.json()
@@ -263,6 +336,7 @@ def test_predictions_carry_the_metrics_labels_and_health_json(cluster):
     assert body["last_error"] is None and body["model_uri"] == "models:/tagger@champion"
 
 
+@slow
 def test_the_head_node_exports_taggers_metrics_with_the_model_version(cluster):
     for _ in range(10):
         assert post(cluster.url, {"dataframe_records": RECORDS}).status_code == 200
@@ -304,6 +378,7 @@ def end_load(stop: threading.Event, threads: list[threading.Thread]) -> None:
         thread.join(60)
 
 
+@slow
 def test_a_promotion_rolls_out_under_load_without_one_failed_request(cluster, registry):
     stop, results, threads = start_load(cluster.url)
     try:
@@ -330,6 +405,7 @@ def test_a_promotion_rolls_out_under_load_without_one_failed_request(cluster, re
     print(f"rollout: {len(results)} requests, 0 failed, switched {switched - promoted:.1f} s after the promotion")
 
 
+@slow
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(cluster, registry):
     registry.client.set_registered_model_alias("tagger", "champion", "3")
     try:
@@ -352,6 +428,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(cluster, regist
     assert all(h["last_error"] is None for h in replica_health(cluster.url).values())
 
 
+@slow
 def test_a_killed_replica_is_replaced_and_no_client_hangs(cluster):
     import psutil
 
@@ -383,6 +460,7 @@ def test_a_killed_replica_is_replaced_and_no_client_hangs(cluster):
           f"replica back after {back - killed:.1f} s")
 
 
+@slow
 def test_a_worker_node_that_leaves_takes_its_replica_and_the_rest_keep_answering(cluster):
     health = replica_health(cluster.url)
     head = cluster.nodes.head_node.node_id

@@ -227,7 +227,9 @@ class ModelHolder:
         old, self.current = self.current, new
         self.failed_label, self.last_error, self.swaps = None, None, self.swaps + 1
         _log.warning("tagger serve: switched from %s to %s", old.label, new.label)
-        threading.Timer(self.close_after_s, old.close).start()
+        closer = threading.Timer(self.close_after_s, old.close)
+        closer.daemon = True
+        closer.start()
         return True
 
     def _failed(self, label: str | None, message: str) -> None:
