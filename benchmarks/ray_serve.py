@@ -11,6 +11,8 @@ the CLI driver, Ray's GCS, raylet, dashboard processes, the Serve controller, pr
 then 1 client and --clients concurrent clients sending single-row `dataframe_records` for
 --seconds: rows/s, p50/p99 ms, errors and mismatches (the load loop and its checks are
 benchmarks/serving.py's). Prints a markdown table with the issue's targets and writes JSON.
+With --serve-batch-size N, tagger serve runs once more with Ray Serve's @serve.batch (N requests,
+2 ms) gathering requests in front of the model's own batching.
 `tagger serve` runs with a local Ray and --replica-cpus = the machine's cores (its model's
 inference threads), as one replica would on a machine of its own.
 """
@@ -72,9 +74,9 @@ def mlflow_command(folder: str, port: int, workers: int) -> list[str]:
             "-p", str(port), "--workers", str(workers)]
 
 
-def tagger_command(folder: str, port: int, replica_cpus: int) -> list[str]:
+def tagger_command(folder: str, port: int, replica_cpus: int, serve_batch_size: int = 0) -> list[str]:
     return [sys.executable, "-m", "tagger", "serve", "--model-uri", folder, "--port", str(port),
-            "--replicas", "1", "--replica-cpus", str(replica_cpus)]
+            "--replicas", "1", "--replica-cpus", str(replica_cpus), "--serve-batch-size", str(serve_batch_size)]
 
 
 def bench(label: str, command: list[str], port: int, options: dict, bodies: list[bytes], logs: Path) -> dict:
@@ -134,9 +136,11 @@ def report(results: dict[str, dict], clients: str) -> str:
 @click.option("--ready-timeout", default=240.0, show_default=True, help="Give up waiting for /ping after this long.")
 @click.option("--replica-cpus", default=psutil.cpu_count(), show_default=True,
               help="tagger serve's replica CPUs (its model's inference threads).")
+@click.option("--serve-batch-size", default=16, show_default=True,
+              help="Also run tagger serve with Ray Serve's @serve.batch of this size in front of the model (0: don't).")
 @click.option("--out", default="outputs/ray_serve.json", show_default=True, help="JSON results file.")
 def main(tracking_uri: str, model_uri: str, csv: str, seconds: float, clients: int, max_requests: int,
-         ready_timeout: float, replica_cpus: int, out: str) -> None:
+         ready_timeout: float, replica_cpus: int, serve_batch_size: int, out: str) -> None:
     """Benchmark tagger serve against mlflow models serve (1 and 2 workers) and the do-nothing pyfunc."""
     import mlflow
 
@@ -158,6 +162,9 @@ def main(tracking_uri: str, model_uri: str, csv: str, seconds: float, clients: i
             ("mlflow models serve, 2 workers", lambda p: mlflow_command(folder, p, 2)),
             ("tagger serve, 1 replica", lambda p: tagger_command(folder, p, replica_cpus)),
         ]
+        if serve_batch_size:
+            servers.append((f"tagger serve, 1 replica, @serve.batch {serve_batch_size}",
+                            lambda p: tagger_command(folder, p, replica_cpus, serve_batch_size)))
         for label, command in servers:
             chosen = port()
             results[label] = bench(label, command(chosen), chosen, options, bodies, logs)

@@ -354,6 +354,8 @@ def sweep(lrs: list, dropouts: list, batch_sizes: list, epochs: list, **values: 
 @setting("--max-ongoing-requests", ServeConfig, WholeNumber(), help="Requests one replica takes at once.")
 @setting("--poll-s", ServeConfig, click.FloatRange(min=0),
          help="Serving an alias or stage: look it up this often and roll out a new version (0: never).")
+@setting("--serve-batch-size", ServeConfig, WholeNumber(minimum=0),
+         help="Also batch requests with Ray Serve's @serve.batch, up to this many (0: only the model's own batching).")
 @setting("--proxy-location", ServeConfig, click.Choice(["HeadOnly", "EveryNode"]),
          help="One HTTP proxy on the head node, or one per node (behind a load balancer).")
 @setting("--ray-address", ServeConfig, help="Ray cluster to join: host:port as `ray start` prints it, or auto "

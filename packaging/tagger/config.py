@@ -142,4 +142,5 @@ class ServeConfig:
     request_timeout_s: float | None = None  # a request gets a 504 after this; None: MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60)
     proxy_location: str = "HeadOnly"  # HeadOnly: one HTTP proxy, on the head; EveryNode: one per node (a load balancer in front)
     ray_address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
+    serve_batch_size: int = 0  # >0: Ray Serve's @serve.batch gathers this many requests first (0: only the model batches)
     metrics_export_port: int | None = None  # a local Ray's Prometheus port (ray.init's); a cluster's: `ray start --metrics-export-port`

@@ -264,12 +264,55 @@ def invoke(served: Served, body: bytes, content_type: str | None) -> tuple[str, 
         return error.serialize_as_json(), error.get_http_status_code(), "application/json"
 
 
+ALONE = object()  # a batched request that must be answered on its own (its batch failed as a whole)
+
+
+def parse_plain_request(served: Served, body: bytes, content_type: str | None) -> Any:
+    """The DataFrame of a plain JSON request without params (None: anything else, answered on its own)."""
+    from mlflow.pyfunc import scoring_server
+
+    if (content_type or "").split(";")[0].strip() != "application/json" or ";" in (content_type or ""):
+        return None
+    try:
+        parsed = scoring_server._parse_json_data(body, served.metadata, served.input_schema)
+    except Exception:  # answered on its own: MLflow's own error
+        return None
+    if parsed.params or parsed.is_unified_llm_input or not hasattr(parsed.data, "iloc"):
+        return None
+    return parsed.data
+
+
+def predict_together(served: Served, frames: list[Any]) -> list[Any]:
+    """One predict over the rows of several requests; each request's own rows back, as MLflow's JSON.
+
+    Any error (a bad row, a batch over max_request_rows) answers every request ALONE, so each gets
+    exactly the error (or the answer) `mlflow models serve` would give it.
+    """
+    import io
+
+    import pandas as pd
+    from mlflow.pyfunc import scoring_server
+
+    try:
+        result = served.predict(pd.concat(frames, ignore_index=True))
+    except Exception:
+        return [ALONE] * len(frames)
+    answers, start = [], 0
+    for frame in frames:
+        output = io.StringIO()
+        scoring_server.predictions_to_json(result.iloc[start : start + len(frame)], output)
+        answers.append(output.getvalue())
+        start += len(frame)
+    return answers
+
+
 class TaggerServer:
     """A Ray Serve replica: the model, loaded once, behind `mlflow models serve`'s routes."""
 
     def __init__(self, model_uri: str, poll_s: float = 10.0, replica_cpus: float = 1.0,
                  max_ongoing_requests: int = 64, request_timeout_s: float | None = None,
-                 tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
+                 tracking_uri: str | None = None, registry_uri: str | None = None,
+                 serve_batch_size: int = 0, serve_batch_wait_s: float = 0.002) -> None:
         from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
         if tracking_uri:
@@ -283,6 +326,33 @@ class TaggerServer:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.batched = None
+        if serve_batch_size > 0:  # measured against the model's own batching: see benchmarks/ray_serve.py
+            from ray import serve
+
+            self.batched = serve.batch(max_batch_size=serve_batch_size, batch_wait_timeout_s=serve_batch_wait_s)(
+                self._predict_batch)
+
+    async def _predict_batch(self, items: list[tuple[Served, Any]]) -> list[Any]:
+        """@serve.batch: the waiting requests' rows in one predict call (per model version)."""
+        loop = asyncio.get_running_loop()
+        answers: list[Any] = [None] * len(items)
+        for served in {id(item[0]): item[0] for item in items}.values():
+            indices = [i for i, item in enumerate(items) if item[0] is served]
+            together = await loop.run_in_executor(
+                self.executor, predict_together, served, [items[i][1] for i in indices])
+            for index, answer in zip(indices, together):
+                answers[index] = answer
+        return answers
+
+    async def _invoke_batched(self, served: Served, body: bytes, content_type: str | None) -> tuple[str, int, str]:
+        frame = parse_plain_request(served, body, content_type)
+        if frame is not None:
+            answer = await self.batched((served, frame))
+            if answer is not ALONE:
+                return answer, 200, "application/json"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, invoke, served, body, content_type)
 
     def health(self) -> dict[str, Any]:
         holder = self.holder
@@ -304,8 +374,11 @@ class TaggerServer:
             if method != "POST":
                 return json_response({"detail": "Method Not Allowed"}, 405, headers | {"allow": "POST"})
             body = await request.body()
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self.executor, invoke, served, body, request.headers.get("content-type"))
+            content_type = request.headers.get("content-type")
+            if self.batched is not None:
+                work = self._invoke_batched(served, body, content_type)
+            else:
+                work = asyncio.get_running_loop().run_in_executor(self.executor, invoke, served, body, content_type)
             try:
                 content, status, mimetype = await asyncio.wait_for(work, self.timeout_s)
             except (asyncio.TimeoutError, TimeoutError):
@@ -367,6 +440,7 @@ def replica_args(config: ServeConfig) -> dict[str, Any]:
         "model_uri": config.model_uri, "poll_s": config.poll_s, "replica_cpus": config.replica_cpus,
         "max_ongoing_requests": config.max_ongoing_requests, "request_timeout_s": config.request_timeout_s,
         "tracking_uri": tracking, "registry_uri": absolute_tracking_uri(registry) if registry != tracking else None,
+        "serve_batch_size": config.serve_batch_size,
     }
 
 
@@ -379,7 +453,7 @@ def application(config: ServeConfig) -> Any:
 
 
 CONFIG_FIELDS = ("model_uri", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "replica_cpus",
-                 "max_ongoing_requests", "poll_s", "request_timeout_s")
+                 "max_ongoing_requests", "poll_s", "request_timeout_s", "serve_batch_size")
 
 
 def build_app(args: dict[str, Any]) -> Any:
