@@ -37,5 +37,9 @@ class TaggerModel(PythonModel):
         """Predict each row; params `threshold`, `batch_size` and `bad_rows` override the packaged defaults."""
         return self.predictor.predict(model_input, params)
 
+    def close(self) -> None:
+        """Stop the model's inference threads: a server that replaces this version with another calls it."""
+        self.predictor.close()
+
 
 mlflow.models.set_model(TaggerModel())

@@ -21,6 +21,7 @@ from tagger.config import (
     BatchPredictConfig,
     PackageConfig,
     QuickstartConfig,
+    ServeConfig,
     TrainConfig,
     champion_uri,
 )
@@ -343,6 +344,43 @@ def sweep(lrs: list, dropouts: list, batch_sizes: list, epochs: list, **values: 
         "sweep_id": outcome.sweep_id, "runs": [r.run_id for r in outcome.results], "best_run_id": outcome.best.run_id,
         "best_val_loss": round(outcome.best.best_metrics["val_loss"], 4),
     }))
+
+
+@cli.command()
+@setting("--model-uri", ServeConfig, help="Model to serve: an alias or stage is followed (polled), models:/NAME/N is pinned.")
+@setting("--host", ServeConfig, help="Address Ray Serve's HTTP proxy listens on.")
+@setting("--port", ServeConfig, click.IntRange(1, 65535))
+@setting("--replicas", ServeConfig, WholeNumber(), help="Fixed number of replicas.")
+@setting("--min-replicas", ServeConfig, WholeNumber(minimum=0), help="Autoscale on ongoing requests from this many...")
+@setting("--max-replicas", ServeConfig, WholeNumber(), help="...to this many replicas.")
+@setting("--replica-cpus", ServeConfig, click.FloatRange(min=0, min_open=True),
+         help="Ray CPUs per replica, also its model's inference threads (rounded, at least 1).")
+@setting("--max-ongoing-requests", ServeConfig, WholeNumber(), help="Requests one replica takes at once.")
+@setting("--poll-s", ServeConfig, click.FloatRange(min=0),
+         help="Serving an alias or stage: look it up this often and roll out a new version (0: never).")
+@setting("--serve-batch-size", ServeConfig, WholeNumber(minimum=0),
+         help="Also batch requests with Ray Serve's @serve.batch, up to this many (0: only the model's own batching).")
+@setting("--proxy-location", ServeConfig, click.Choice(["HeadOnly", "EveryNode"]),
+         help="One HTTP proxy on the head node, or one per node (behind a load balancer).")
+@setting("--ray-address", ServeConfig, help="Ray cluster to join: host:port as `ray start` prints it, or auto "
+         "(default: RAY_ADDRESS, else a local Ray).")
+@setting("--metrics-export-port", ServeConfig, click.IntRange(1, 65535),
+         help="A local Ray's Prometheus metrics port (a cluster's: `ray start --metrics-export-port`).")
+@click.option("--write-config", type=Blankable(click.Path(dir_okay=False)), default=None,
+              help="Write a Ray Serve config file for `serve deploy FILE` instead of serving.")
+def serve(write_config: str | None, **values: Any) -> None:
+    """Serve a registered model on Ray Serve (the HTTP API of `mlflow models serve`) until Ctrl-C."""
+    from tagger.serve import run_in_foreground, write_config as write_serve_config
+
+    values = given(values)
+    if "replicas" in values and ({"min_replicas", "max_replicas"} & set(values)):
+        raise click.UsageError("give --replicas N, or --min-replicas/--max-replicas (autoscaling), not both")
+    config = ServeConfig(**values)
+    if write_config:
+        write_serve_config(config, write_config)
+        click.echo(f"Wrote {write_config}: deploy it with `serve deploy {write_config}` on the cluster")
+        return
+    run_in_foreground(config, ready=lambda line: click.echo(line))
 
 
 @cli.command()

@@ -128,3 +128,24 @@ class QuickstartConfig:
     num_epochs: int = TrainConfig.num_epochs
     holdout_size: float = 0.2  # share of the shipped data held out: the version is evaluated and gated on it
     seed: int = TrainConfig.seed  # of that split
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`tagger serve`: the registered model on Ray Serve, with `mlflow models serve`'s HTTP contract."""
+
+    model_uri: str = champion_uri()  # an alias or stage is followed (polled); models:/NAME/N is pinned
+    host: str = "127.0.0.1"  # where Ray Serve's HTTP proxy listens
+    port: int = 8000
+    replicas: int = 1  # fixed replicas (ignored when min_replicas or max_replicas is set)
+    min_replicas: int | None = None  # autoscaling on ongoing requests between min and max replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 2.0  # autoscaling target per replica (Ray Serve's default)
+    replica_cpus: float = 1.0  # Ray CPUs per replica; also its model's inference threads (rounded, at least 1)
+    max_ongoing_requests: int = 64  # requests a replica takes at once (its model batches their rows)
+    poll_s: float = 10.0  # replicas of an alias or stage look it up this often; 0: never reload
+    request_timeout_s: float | None = None  # a request gets a 504 after this; None: MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60)
+    proxy_location: str = "HeadOnly"  # HeadOnly: one HTTP proxy, on the head; EveryNode: one per node (a load balancer in front)
+    ray_address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
+    serve_batch_size: int = 0  # >0: Ray Serve's @serve.batch gathers this many requests first (0: only the model batches)
+    metrics_export_port: int | None = None  # a local Ray's Prometheus port (ray.init's); a cluster's: `ray start --metrics-export-port`

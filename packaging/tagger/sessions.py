@@ -175,9 +175,11 @@ def join_cluster(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats);
-    yields True if local.
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, init_options: dict[str, Any] | None = None
+) -> Iterator[bool]:
+    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats,
+    plus `init_options` for ray.init); yields True if local.
 
     A no-op when this process is already connected. The connection made here is closed at the end
     (a local Ray stops; a joined cluster keeps running).
@@ -194,7 +196,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
         # "local": a Ray of its own even when `ray start` runs on this machine (ray.init() would join that one,
         # and then refuse num_cpus); joining a cluster takes RAY_ADDRESS or --ray-address.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="warning")
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="warning",
+                 **(init_options or {}))
     else:
         join_cluster(address)
     try:
