@@ -340,8 +340,9 @@ def test_predictions_carry_the_metrics_labels_and_health_json(cluster):
 def test_the_head_node_exports_taggers_metrics_with_the_model_version(cluster):
     for _ in range(10):
         assert post(cluster.url, {"dataframe_records": RECORDS}).status_code == 200
-    deadline, text = time.monotonic() + 60, ""
+    deadline, text = time.monotonic() + 90, ""
     wanted = ("ray_tagger_rows_predicted", "ray_tagger_request_rows_bucket", "ray_tagger_forward_seconds_bucket",
+              "ray_tagger_batch_rows_bucket",
               "ray_tagger_model_loaded", "ray_serve_num_http_requests")
     while time.monotonic() < deadline:
         text = requests.get(cluster.metrics, timeout=10).text

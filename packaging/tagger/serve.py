@@ -123,12 +123,17 @@ class Served:
 
     def close(self) -> None:
         """Stop the model's threads if the pyfunc offers a way (a `close` on its python model)."""
-        try:
-            close = getattr(self.model.unwrap_python_model(), "close", None)
-        except Exception:  # not a python_model flavor
-            close = None
-        if callable(close):
+        if close := model_method(self.model, "close"):
             close()
+
+
+def model_method(model: Any, name: str) -> Any:
+    """A method of the pyfunc's python model (tagger's TaggerModel has `close` and `observe_batches`), or None."""
+    try:
+        method = getattr(model.unwrap_python_model(), name, None)
+    except Exception:  # not a python_model flavor
+        return None
+    return method if callable(method) else None
 
 
 class Metrics:
@@ -154,6 +159,9 @@ class Metrics:
             "tagger_model_load_failures", "Versions that failed to load (the old one kept serving).",
             tag_keys=keys)
         self.loaded = metrics.Gauge("tagger_model_loaded", "1 for the version this replica serves.", tag_keys=keys)
+        self.batch_rows = metrics.Histogram(
+            "tagger_batch_rows", "Rows per forward batch (the rows of concurrent requests, gathered by the model).",
+            boundaries=self.ROW_BOUNDARIES, tag_keys=keys)
 
     def predicted(self, label: str, rows: int, seconds: float) -> None:
         tags = {"model_version": label}
@@ -167,6 +175,8 @@ def load(resolved: Resolved, threads: int, metrics: Metrics | None) -> Served:
     model = mlflow.pyfunc.load_model(
         resolved.load_uri, model_config={"inference_threads": threads, "num_threads": 1}
     )
+    if metrics is not None and (observe := model_method(model, "observe_batches")):
+        observe(lambda rows: metrics.batch_rows.observe(rows, tags={"model_version": resolved.label}))
     return Served(model, resolved.label, resolved.load_uri, metrics)
 
 
