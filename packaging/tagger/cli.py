@@ -15,7 +15,7 @@ import click
 from mlflow.exceptions import MlflowException
 
 from mlflow_model.config import PredictorConfig
-from mlflow_model.engines import build_name, build_names
+from mlflow_model.engines import build_name, build_names, split_build
 from tagger.config import (
     SCHEDULERS,
     BatchPredictConfig,
@@ -157,7 +157,7 @@ def package(experiment_name: str, **values: Any) -> None:
     from tagger.package import package_best_run
 
     values = given(values)
-    engine, _, precision = values.pop("build", build_name("torch", "fp32")).partition("-")
+    engine, precision = split_build(values.pop("build", build_name("torch", "fp32")))
     serving = {name for name in PredictorConfig.__dataclass_fields__ if name in values}
     predictor = PredictorConfig(engine=engine, precision=precision, **{name: values.pop(name) for name in serving})
     if "mode" in values:
