@@ -139,7 +139,8 @@ def cli(verbose: bool) -> None:
          help="Top probability under which the tag becomes 'other' (stored in the model).")
 @setting("--batch-size", PredictorConfig, WholeNumber(), help="Rows per forward pass (stored in the model).")
 @click.option("--build", "build", type=Blankable(click.Choice(build_names())), default=None,
-              help="Engine and precision of the served model; a build other than torch-fp32 gets its F1 change "
+              help=f"Engine and precision of the served model: {', '.join(build_names())}. A build other than "
+                   "torch-fp32 gets its F1 change "
                    f"against torch-fp32 measured and tagged. [default: {build_name('torch', 'fp32')}]")
 @setting("--trace", PackageConfig, click.BOOL,
          help="torch builds: run a TorchScript trace of the model, checked against it at packaging (fp32: shipped "
