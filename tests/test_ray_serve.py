@@ -93,7 +93,7 @@ class FakeModel:
 
 
 def fake_holder(monkeypatch, uri: str, registry: dict, broken: set) -> object:
-    import tagger.serve as ts
+    import tagger.rollout as ts
 
     def resolve(model_uri: str):
         version = registry["alias"]
@@ -126,7 +126,7 @@ def test_an_alias_move_loads_the_new_version_then_switches_and_a_failure_keeps_t
 
 
 def test_which_uris_follow_the_registry():
-    from tagger.serve import is_movable, resolve
+    from tagger.rollout import is_movable, resolve
 
     assert is_movable("models:/tagger@champion") and is_movable("models:/tagger/Production")
     assert not is_movable("models:/tagger/3") and not is_movable("runs:/abc/model") and not is_movable("/tmp/m")
@@ -135,7 +135,8 @@ def test_which_uris_follow_the_registry():
 
 
 def test_replicas_or_autoscaling_and_the_replica_cpus():
-    from tagger.serve import deployment_options, inference_threads
+    from tagger.rollout import inference_threads
+    from tagger.serve import deployment_options
 
     fixed = deployment_options(ServeConfig(replicas=3, replica_cpus=2))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed

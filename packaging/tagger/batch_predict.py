@@ -286,8 +286,6 @@ def write_predictions(config: BatchPredictConfig, folder: str) -> None:
 
 def check_row_count(config: BatchPredictConfig, folder: str) -> None:
     """Refuse a staged output whose row count differs from the input's (a lost or duplicated batch)."""
-    import ray.data
-
     expected = read_input(config.input, config.input_format, config.io_cpus).count()
     written = parquet_files(folder).count_rows() if expected else 0
     if written != expected:
