@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, build_tiny_encoder, write_tiny_csv
+from helpers import ROOT, build_tiny_encoder, write_tiny_csv
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 

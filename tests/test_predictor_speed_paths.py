@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, varied_rows
+from helpers import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, varied_rows
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import f1_score
 

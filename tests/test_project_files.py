@@ -4,7 +4,7 @@ from __future__ import annotations
 import tomllib
 
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from tagger.cli import cli
 

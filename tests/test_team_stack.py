@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import ROOT, build_tiny_checkpoint, build_tiny_encoder, log_training_run
+from helpers import ROOT, build_tiny_checkpoint, build_tiny_encoder, log_training_run
 from mlflow.tracking import MlflowClient
 
 import services
