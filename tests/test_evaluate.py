@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint
+from helpers import CLASS_TO_INDEX, build_tiny_checkpoint
 from mlflow.tracking import MlflowClient
 
-from tagger.bundle import log_pyfunc, stage_artifacts
+from tagger.bundle import final_settings, log_pyfunc, stage_artifacts
 from tagger.cli import cli
 from tagger.evaluate import evaluate_model, slice_masks
 from tagger.gate import decide, gated_promote
@@ -61,11 +61,13 @@ def constant_checkpoint(folder: Path, encoder: Path, tag: str) -> Path:
 
 
 def register(checkpoint: Path, encoder: Path, tmp_path: Path) -> str:
-    """Bundle a checkpoint as a pyfunc in a run and register it as a new version of NAME."""
+    """Bundle a checkpoint as a pyfunc of a package run and register it as a new version of NAME."""
     out = tmp_path / f"model-{checkpoint.parent.name}"
     artifacts = stage_artifacts(checkpoint, str(encoder), out)
-    with mlflow.start_run(run_name="package"):
-        info = log_pyfunc(artifacts, PredictorConfig())
+    config, signature = final_settings(artifacts, PredictorConfig(max_request_rows=100))
+    with mlflow.start_run(run_name="package") as run:
+        pass
+    info = log_pyfunc(artifacts, config, signature, run.info.run_id, out / "manifest")
     return str(register_version(info.model_uri, NAME, {}, "test version").version)
 
 

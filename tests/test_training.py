@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 
-from conftest import CLASS_TO_INDEX, build_tiny_encoder, write_tiny_csv
+from helpers import CLASS_TO_INDEX, TAG_WORDS, build_tiny_encoder, write_tiny_csv
 from tagger.config import PackageConfig, TrainConfig
 from tagger.errors import DatasetError
 from tagger.data import check_columns, class_to_index, load_data, stratified_split
