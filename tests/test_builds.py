@@ -132,6 +132,7 @@ def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encod
         np.testing.assert_allclose(served, store["expected"][:5], atol=1e-4)
 
 
+@pytest.mark.slow  # exports an ONNX graph
 def test_an_onnx_file_that_is_not_the_model_is_refused(tmp_path, tiny_encoder):
     """The export check compares the ONNX file with the torch model on real rows: another model's file fails it."""
     from transformers import AutoConfig

@@ -122,6 +122,7 @@ def labelled_csv(tmp_path) -> str:
     return str(tmp_path / "eval.csv")
 
 
+@pytest.mark.slow  # packages a model
 def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, tracking_uri, labelled_csv):
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3)
     log_training_run("exp", checkpoint, 0.5)
@@ -150,6 +151,7 @@ def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, trac
     assert served.model_config["precision"] == "int8"
 
 
+@pytest.mark.slow  # packages a model
 def test_int8_packaging_without_a_labelled_csv_says_not_measured(tmp_path, tiny_encoder, tracking_uri, caplog):
     log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3), 0.5)
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=str(tmp_path / "no.csv"),
@@ -178,6 +180,7 @@ for title in titles:  # one forward per row: one batch shape per length
     return sum(",create:cache_miss," in line for line in created)
 
 
+@pytest.mark.slow  # two new processes
 def test_onednn_keeps_a_bounded_number_of_kernels(tiny_checkpoint, tiny_encoder):
     """oneDNN's default cache kept a kernel per batch shape forever (memory grew with traffic); the predictor caps it."""
     kept = onednn_cache_misses(tiny_checkpoint, tiny_encoder, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})

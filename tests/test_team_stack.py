@@ -148,22 +148,33 @@ def test_training_under_mlflow_run_without_an_experiment_name_uses_the_experimen
     assert experiment_for_run(client, None) == "named-by-mlflow-run"
 
 
-def test_package_skips_runs_whose_checkpoint_is_gone_or_takes_the_run_it_is_given(tracking_uri, tiny_encoder, tmp_path):
+def good_worse_and_moved_runs(tmp_path: Path, encoder: Path) -> tuple[str, str, str]:
+    """Experiment 'exp': runs with val_loss 0.5, 0.9 and 0.1, the last one's artifacts gone (its store "moved")."""
     import shutil
 
-    good = log_training_run("exp", build_tiny_checkpoint(tmp_path / "good", tiny_encoder, seed=0), 0.5)
-    worse = log_training_run("exp", build_tiny_checkpoint(tmp_path / "worse", tiny_encoder, seed=1), 0.9)
-    moved = log_training_run("exp", build_tiny_checkpoint(tmp_path / "moved", tiny_encoder, seed=2), 0.1)
-    shutil.rmtree(mlflow.get_run(moved).info.artifact_uri.removeprefix("file://"))  # the store "moved"
+    good = log_training_run("exp", build_tiny_checkpoint(tmp_path / "good", encoder, seed=0), 0.5)
+    worse = log_training_run("exp", build_tiny_checkpoint(tmp_path / "worse", encoder, seed=1), 0.9)
+    moved = log_training_run("exp", build_tiny_checkpoint(tmp_path / "moved", encoder, seed=2), 0.1)
+    shutil.rmtree(mlflow.get_run(moved).info.artifact_uri.removeprefix("file://"))
+    return good, worse, moved
+
+
+def test_package_skips_runs_whose_checkpoint_is_gone(tracking_uri, tiny_encoder, tmp_path):
+    good, _, moved = good_worse_and_moved_runs(tmp_path, tiny_encoder)
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder))
     run_id, _, local = select_checkpoint(config, tmp_path / "download")
     assert run_id == good and (local / "args.json").is_file()
-    version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), run_id=worse))
-    assert version.tags["source_run_id"] == worse
     with pytest.raises(RunSelectionError, match=f"run {moved}: "):
         select_checkpoint(PackageConfig(experiment_name="exp", run_id=moved), tmp_path / "again")
     with pytest.raises(RunSelectionError, match="belongs to experiment 'exp', not 'other'"):
         select_checkpoint(PackageConfig(experiment_name="other", run_id=good), tmp_path / "other")
+
+
+@pytest.mark.slow  # packages a model
+def test_package_takes_the_run_it_is_given(tracking_uri, tiny_encoder, tmp_path):
+    _, worse, _ = good_worse_and_moved_runs(tmp_path, tiny_encoder)
+    version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), run_id=worse))
+    assert version.tags["source_run_id"] == worse
 
 
 # --------------------------------------------------------------------------- the real team stack
