@@ -157,3 +157,23 @@ def test_only_builds_that_exist_are_offered_and_accepted():
     outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--build", "onnx-bf16"])
     assert outcome.exit_code == 2 and "'onnx-bf16' is not one of 'torch-fp32', 'torch-bf16'" in outcome.output
     assert "Traceback" not in outcome.output
+
+
+def test_config_cli_choices_and_requirements_all_come_from_the_engine_registry(packaged):
+    from mlflow_model.engines import ENGINES, build_names
+    from tagger.bundle import pinned_requirements
+
+    offered = next(p for p in cli.commands["package"].params if p.name == "build").type
+    assert list(offered.inner.choices) == build_names()  # click.Choice inside Blankable
+    assert build_names() == [f"{e}-{p}" for e, spec in ENGINES.items() for p in spec.precisions]
+    assert build_names()[0] == "torch-fp32"  # the reference build first
+    for engine, spec in ENGINES.items():
+        assert [pin.split("==")[0] for pin in pinned_requirements(engine)] == list(spec.requirements)
+        for forward in spec.forwards:
+            assert PredictorConfig(engine=engine, precision=spec.precisions[0], forward=forward).forward == forward
+    with pytest.raises(ConfigError, match=r"unknown engine 'tpu'; the engines are \['onnx', 'torch'\]"):
+        PredictorConfig(engine="tpu")
+    with pytest.raises(ConfigError, match=r"engine 'onnx' has no forward path 'eager'"):
+        PredictorConfig(engine="onnx", forward="eager")
+    with pytest.raises(ConfigError, match="unknown engine 'tpu'"):  # a config error at load, not a checkpoint one
+        mlflow.pyfunc.load_model(str(packaged.local), model_config={"engine": "tpu"})
