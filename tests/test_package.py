@@ -318,6 +318,7 @@ def test_loads_and_predicts_with_the_hub_offline(packaged):
     assert result.stdout.strip().splitlines()[-1] in CLASS_TO_INDEX
 
 
+@pytest.mark.slow  # 48 predictions of 64 rows (the quick loop has the inference threads' own concurrency tests)
 def test_concurrent_predict_from_eight_threads(packaged):
     model = packaged.model
     # Many rows of varied length per call, so that the threads' tokenizer calls really overlap.

@@ -24,6 +24,7 @@ def predictor(checkpoint, encoder, **config) -> Predictor:
     return Predictor.from_directories(checkpoint, encoder, PredictorConfig(**config))
 
 
+@pytest.mark.slow  # ~50 separate predictions
 def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(50, seed=0)
     fast = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=True)
@@ -44,6 +45,7 @@ def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_enco
         assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-6
 
 
+@pytest.mark.slow  # quantizes the model
 def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(100, seed=1)
     int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", forward="eager")
@@ -55,7 +57,7 @@ def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     assert (quantized.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])  # fp32: the default
 def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder, precision):
     import torch
 
