@@ -208,6 +208,8 @@ def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
     assert list(relaxed["prediction"]) == top
     params = model.metadata.get_params_schema().to_dict()
     assert {p["name"]: p["default"] for p in params} == {"threshold": 0.99, "batch_size": 2, "bad_rows": "refuse"}
+    limit = model.model_config["max_request_rows"]  # not given: measured at packaging, in hundreds, at least 100
+    assert isinstance(limit, int) and limit >= 100 and limit % 100 == 0
 
 
 def test_request_params_override_the_packaged_defaults(packaged):
