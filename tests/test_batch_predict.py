@@ -30,7 +30,7 @@ TAGS = {"natural-language-processing", "computer-vision", "mlops", "other"}
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray with 2 CPUs for this module's tests, shut down afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
