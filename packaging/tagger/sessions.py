@@ -189,7 +189,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = ray_address(address)
     if address is None:  # local workers import both packages from this environment and inherit its variables
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="warning")
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning")
     else:
         join_cluster(address)
     try:
