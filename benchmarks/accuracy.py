@@ -1,13 +1,15 @@
 """Accuracy benchmark: train on one CSV with Ray Train, score the best checkpoint on a holdout CSV.
 
-    python benchmarks/accuracy.py --train-csv ../shared/datasets/dataset.csv \
-        --holdout-csv ../shared/datasets/holdout.csv
+    python benchmarks/accuracy.py --train-csv your-train.csv --holdout-csv your-holdout.csv \
+        --output outputs/accuracy.json
 
-Trains with TrainConfig's defaults (the bundled all-MiniLM-L6-v2 encoder) unless told otherwise,
-into a throwaway MLflow store, then predicts the holdout with the same TorchPredictor that the
-served model uses. Prints weighted precision/recall/F1, per-class scores and the training time,
-and writes them as JSON. Target with the Made With ML data on 2 CPU cores: weighted F1 >= 0.905
-(the course's SciBERT-on-GPU result) in <= 5 minutes of training; `--check` exits 1 if missed.
+How well tagger's training recipe does on your data, and how long it takes: it trains with
+TrainConfig's defaults (the bundled all-MiniLM-L6-v2 encoder) unless told otherwise, into a
+throwaway MLflow store, then predicts the holdout with the predictor the served model runs
+(`mlflow_model.predictor.Predictor`). Prints weighted precision/recall/F1, per-class scores and the
+training time, and writes them as JSON. The goal it reports: weighted F1 >= 0.905 (what the Made
+With ML course's fine-tuned SciBERT reached on its holdout) in <= 5 minutes of training;
+`--check` exits 1 if it is missed.
 """
 from __future__ import annotations
 
@@ -25,21 +27,25 @@ from tagger.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TARGET_F1 = 0.905
-TARGET_MINUTES = 5.0
+GOAL_F1 = 0.905  # the Made With ML course's fine-tuned SciBERT on its holdout
+GOAL_MINUTES = 5.0
 
 
-def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str) -> dict:
-    """Weighted and per-class scores of a checkpoint on a labelled CSV."""
+def evaluate_checkpoint(checkpoint_dir: str, base_model: str, holdout_csv: str, workdir: str) -> dict:
+    """Weighted and per-class scores of a training checkpoint on a labelled CSV, predicted from the files
+    `tagger package` would stage from it (weights + label map, encoder config + tokenizer)."""
+    from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
     from mlflow_model.predictor import Predictor
+    from tagger.bundle import stage_artifacts
     from tagger.data import load_data
     from tagger.metrics import per_class_scores, scores
 
     holdout = load_data(holdout_csv)
-    predictor = Predictor.from_directories(checkpoint_dir, base_model)
-    started = time.perf_counter()
-    predicted = list(predictor.predict(holdout)["prediction"])
-    predict_seconds = time.perf_counter() - started
+    staged = stage_artifacts(checkpoint_dir, base_model, workdir)
+    with Predictor.from_directories(staged[CHECKPOINT_ARTIFACT], staged[ENCODER_ARTIFACT]) as predictor:
+        started = time.perf_counter()
+        predicted = list(predictor.predict(holdout)["prediction"])
+        predict_seconds = time.perf_counter() - started
     truth = list(holdout["tag"])
     tags = sorted(set(truth) | set(predictor.index_to_class))
     return {
@@ -60,14 +66,14 @@ def table(report: dict) -> str:
         ),
         f"{'weighted':30} {scores['precision']:9.4f} {scores['recall']:9.4f} {scores['f1']:9.4f} {scores['num_samples']:8d}",
         "",
-        f"accuracy {scores['accuracy']:.4f}; best epoch {report['best_epoch']} of {report['config']['num_epochs']} "
+        f"accuracy {scores['accuracy']:.4f}; best epoch {report['best_epoch'] + 1} of {report['config']['num_epochs']} "
         f"(val_loss {report['val']['val_loss']:.4f}, val_f1 {report['val']['val_f1']:.4f})",
         f"train minutes {timing['train_minutes']:.2f} (TorchTrainer.fit: workers, model load, epochs; "
         f"+{timing['ray_start_seconds']:.0f}s Ray start), epochs loop {timing['loop_seconds']:.1f}s, "
         f"{timing['rows_per_second']:.1f} train rows/s, loop CPU {timing['loop_cpu_seconds']:.1f}s "
         f"on {report['config']['cpu_per_worker']} thread(s) x {report['config']['num_workers']} worker(s)",
-        f"target: weighted F1 >= {TARGET_F1} in <= {TARGET_MINUTES:g} min: "
-        + ("MET" if report["target_met"] else "MISSED"),
+        f"goal: weighted F1 >= {GOAL_F1} in <= {GOAL_MINUTES:g} min: "
+        + ("MET" if report["goal_met"] else "MISSED"),
     ]
     return "\n".join(lines)
 
@@ -87,7 +93,7 @@ def table(report: dict) -> str:
 @click.option("--tracking-uri", default="", help="MLflow store for the run (default: a throwaway sqlite store).")
 @click.option("--output", default=str(ROOT / "outputs" / "accuracy.json"), show_default=True,
               help="Where the JSON report goes.")
-@click.option("--check", is_flag=True, help=f"Exit 1 unless weighted F1 >= {TARGET_F1} in <= {TARGET_MINUTES:g} min.")
+@click.option("--check", is_flag=True, help=f"Exit 1 unless weighted F1 >= {GOAL_F1} in <= {GOAL_MINUTES:g} min.")
 def main(train_csv, holdout_csv, base_model, num_epochs, batch_size, lr, dropout_p, scheduler, num_workers,
          cpu_per_worker, seed, tracking_uri, output, check) -> None:
     """Train on --train-csv, evaluate on --holdout-csv, print a table and write JSON."""
@@ -117,7 +123,7 @@ def main(train_csv, holdout_csv, base_model, num_epochs, batch_size, lr, dropout
         checkpoint = mlflow.artifacts.download_artifacts(
             run_id=result.run_id, artifact_path="checkpoint", dst_path=f"{tmp}/checkpoint"
         )
-        holdout = evaluate_checkpoint(checkpoint, base_model, holdout_csv)
+        holdout = evaluate_checkpoint(checkpoint, base_model, holdout_csv, f"{tmp}/staged")
     assert not ray.is_initialized()
     epochs_run = len(result.history)
     timing = {
@@ -140,13 +146,13 @@ def main(train_csv, holdout_csv, base_model, num_epochs, batch_size, lr, dropout
         "val": result.best_metrics,
         "holdout": holdout,
         "timing": timing,
-        "target_met": holdout["f1"] >= TARGET_F1 and timing["train_minutes"] <= TARGET_MINUTES,
+        "goal_met": holdout["f1"] >= GOAL_F1 and timing["train_minutes"] <= GOAL_MINUTES,
     }
     click.echo(table(report))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=2))
     click.echo(f"report written to {output}")
-    if check and not report["target_met"]:
+    if check and not report["goal_met"]:
         sys.exit(1)
 
 

@@ -1,15 +1,17 @@
 """Memory under varied traffic: RSS of a process that loads the model and predicts requests of random sizes.
 
-    .venv/bin/python benchmarks/memory.py --tracking-uri sqlite:///$PWD/mlflow.db \
-        --model-uri models:/tagger@champion --csv ../shared/datasets/holdout.csv --requests 600
+    python benchmarks/memory.py --tracking-uri sqlite:///$PWD/mlflow.db \
+        --model-uri models:/tagger@champion --csv your-holdout.csv --requests 600 --out outputs/memory.json
 
-Every batch shape (rows x padded width) that torch runs on oneDNN gets a compiled kernel, and
-oneDNN caches up to 1024 of them by default: a long-running server kept one per shape it had
-seen. The predictor caps that cache (`mlflow_model.config.ONEDNN_CACHED_KERNELS`) unless the
-user set `ONEDNN_PRIMITIVE_CACHE_CAPACITY`. Each setting runs in a fresh process, as oneDNN
-reads it once per process: the model as packaged, then with oneDNN's default set explicitly.
-Requests of 1 to --max-rows rows drawn from the CSV, one after another, as in a batch job or a
-busy server; RSS after the load and every --every requests. Prints a markdown table, writes JSON.
+Whether a server's memory stays flat however its traffic varies. Every batch shape (rows x padded
+width) that torch runs on oneDNN gets a compiled kernel, and oneDNN caches up to 1024 of them by
+default, a few MB each: a long-running server would keep one per shape it has seen. A torch
+build caps that cache (each precision's `onednn_cached_kernels` in `mlflow_model.engines.ENGINES`)
+unless the user set `ONEDNN_PRIMITIVE_CACHE_CAPACITY`. Each setting runs in a fresh process, as
+oneDNN reads it once per process: the model as packaged, then with oneDNN's default set
+explicitly. Requests of 1 to --max-rows rows drawn from the CSV, one after another, as in a batch
+job or a busy server; RSS after the load and every --every requests. Prints a markdown table,
+writes JSON.
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ def rss_mb() -> float:
 
 
 def measure(model_dir: str, csv: str, requests: int, max_rows: int, every: int, seed: int) -> dict:
-    """Load the model here and predict the requests: RSS over time and the time the requests took."""
+    """Load the model in this process and predict the requests: RSS over time and the time the requests took."""
     import mlflow
 
     frame = pd.read_csv(csv, usecols=["title", "description"]).fillna("")
+    frame = frame[(frame["title"].str.strip() != "") | (frame["description"].str.strip() != "")]  # valid rows only
     model = mlflow.pyfunc.load_model(model_dir)
     rng = np.random.default_rng(seed)
     trace, started = [(0, rss_mb())], time.perf_counter()
@@ -77,9 +80,9 @@ def markdown(results: dict[str, dict]) -> str:
 @click.option("--requests", default=600, show_default=True, help="Requests predicted one after another.")
 @click.option("--max-rows", default=32, show_default=True, help="Largest request (rows); sizes are uniform from 1.")
 @click.option("--every", default=100, show_default=True, help="RSS is read every this many requests.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Random seed of the request sizes and rows.")
 @click.option("--out", default="outputs/memory.json", show_default=True, help="JSON results file.")
-@click.option("--child", default=None, hidden=True, help="Internal: measure this local model folder here.")
+@click.option("--child", default=None, hidden=True, help="Internal: measure this local model folder in this process.")
 @click.option("--options", default="{}", hidden=True, help="Internal: the child's options, as JSON.")
 def main(tracking_uri: str | None, model_uri: str | None, csv: str | None, requests: int, max_rows: int,
          every: int, seed: int, out: str, child: str | None, options: str) -> None:

@@ -22,6 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor
 TRACE_FILE = "model.torchscript"  # in the checkpoint artifact of a torch fp32 build: its trace, without weights
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
+MODELS_WORKERS_VARIABLE = "MLFLOW_MODELS_WORKERS"  # MLflow's own: `mlflow models serve --workers`, as a variable
 BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
 _LOWEST = {
@@ -49,6 +50,13 @@ def value_problem(name: str, value: Any) -> str | None:
     if is_number_in(value, lowest, whole=whole):
         return None
     return f"must be {'a whole number' if whole else 'a number'} >= {lowest:g}, got {value!r}"
+
+
+def serving_workers() -> int:
+    """Worker processes of `mlflow models serve` on this machine, each loading its own copy of the model: MLflow's
+    MLFLOW_MODELS_WORKERS (the variable behind `--workers`; the flag alone does not reach the workers), else 1."""
+    value = os.environ.get(MODELS_WORKERS_VARIABLE, "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def usable_cores() -> int:
@@ -93,8 +101,9 @@ class PredictorConfig:
 
     @property
     def thread_count(self) -> int:
-        """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default)."""
-        return self.inference_threads or max(1, usable_cores() // self.intra_op_threads)
+        """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default),
+        the cores shared among the scoring server's workers."""
+        return self.inference_threads or max(1, usable_cores() // (self.intra_op_threads * serving_workers()))
 
     def with_params(self, params: dict[str, Any] | None) -> PredictorConfig:
         """This config with a request's params applied; InvalidInputError naming a bad or unknown param."""

@@ -82,6 +82,7 @@ class InferenceThread:
         config = config or PredictorConfig()
         self.forward, self.max_batch_rows = forward, config.max_batch_rows
         self.max_wait_s, self.timeout_s = config.max_wait_ms / 1000.0, config.timeout_s
+        self.on_batch: Callable[[int], None] | None = None  # told the rows of each forward batch (a server's metrics)
         threads = config.thread_count
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders submit's puts against close's sentinel
@@ -109,7 +110,7 @@ class InferenceThread:
         """Probabilities of these rows (rows x classes, input order), computed on the inference thread.
 
         A request of more than `max_batch_rows` rows is length-sorted as a whole before it is cut into
-        chunks, so that each chunk holds rows of similar length (1.5x the rows/s of unsorted chunks).
+        chunks, so that each chunk holds rows of similar length (less padding than unsorted chunks).
         """
         if len(token_ids) <= self.max_batch_rows:
             return self._submit(token_ids, batch_size)
@@ -200,6 +201,8 @@ class InferenceThread:
             probabilities = self.forward(token_ids, batch_size)
             if len(probabilities) != len(token_ids):
                 raise ValueError(f"forward returned {len(probabilities)} rows for {len(token_ids)}")
+            if self.on_batch is not None:
+                self.on_batch(len(token_ids))
         except Exception as error:  # noqa: BLE001 - fails this batch only; the thread keeps serving
             _log.exception("inference failed on a batch of %d rows", len(token_ids))
             for chunk in batch:

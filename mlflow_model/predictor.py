@@ -120,6 +120,10 @@ class Predictor:
         self.engine = build_engine()
         self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1)
 
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(rows)` after each forward batch the inference threads run (the rows of all its requests)."""
+        self.inference.on_batch = callback
+
     def close(self) -> None:
         """Stop the inference threads (a predictor that is dropped without close keeps idle threads)."""
         self.inference.close()

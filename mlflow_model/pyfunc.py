@@ -7,6 +7,7 @@ path the build runs; the integrity manifest (`manifest.json`) is checked before 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -36,6 +37,14 @@ class TaggerModel(PythonModel):
     ) -> pd.DataFrame:
         """Predict each row; params `threshold`, `batch_size` and `bad_rows` override the packaged defaults."""
         return self.predictor.predict(model_input, params)
+
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(rows)` after each forward batch, which gathers the rows of concurrent requests (metrics)."""
+        self.predictor.observe_batches(callback)
+
+    def close(self) -> None:
+        """Stop the model's inference threads: a server that replaces this version with another calls it."""
+        self.predictor.close()
 
 
 mlflow.models.set_model(TaggerModel())

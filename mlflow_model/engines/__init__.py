@@ -83,6 +83,12 @@ def build_name(engine: str, precision: str) -> str:
     return f"{engine}-{precision}"
 
 
+def split_build(name: str) -> tuple[str, str]:
+    """(engine, precision) of a build name such as `onnx-int8`."""
+    engine, _, precision = name.rpartition("-")
+    return engine, precision
+
+
 def build_names() -> list[str]:
     """Every build that exists, the reference first."""
     return [build_name(engine, precision) for engine, spec in ENGINES.items() for precision in spec.precisions]

@@ -239,8 +239,7 @@ def build(
     """The ONNX build's files: the checked graph + its weights + the label map, and the staged encoder files."""
     from transformers import AutoConfig
 
-    from mlflow_model.checkpoint import load_finetuned
-    from mlflow_model.predictor import encoder_settings
+    from mlflow_model.checkpoint import encoder_settings, load_finetuned
 
     checkpoint, encoder = out_dir / CHECKPOINT_ARTIFACT, out_dir / ENCODER_ARTIFACT
     shutil.copytree(files[ENCODER_ARTIFACT], encoder)

@@ -1,8 +1,9 @@
 """Batch inference on Ray Data: CSV / Parquet / JSON-lines files in, Parquet out.
 
-The dataset streams through a pool of actors, each of which loads the registered model once;
-rows that fail the model's own validation get an `error` (row id + reason) instead of failing
-their batch. Output: the input columns + `prediction`, `probabilities` (a struct, one field per
+The dataset streams through a pool of actors, each of which loads the registered model once
+(`mlflow.pyfunc.load_model`) and calls its predict, the same path as online requests, with
+`bad_rows="report"`: rows that fail the model's own validation get an `error` (row id + reason)
+instead of failing their batch. Output: the input columns + `prediction`, `probabilities` (a struct, one field per
 tag) and `error` (null when the row was predicted). The output folder must be new or empty, so
 that it holds exactly one run's rows. Without an id column, an error names its row by its
 (truncated) title and description.
@@ -168,9 +169,8 @@ class TaggerActor:
 def actor_resources(config: BatchPredictConfig) -> tuple[int, float, int]:
     """(actors, Ray CPUs per actor, torch threads per actor); the CPUs always leave room for Ray Data's own tasks.
 
-    By default one single-threaded actor per core: here two 1-thread actors tagged 1.3x the rows/s
-    of one actor running 2 threads (small matrices scale poorly across threads, and any other
-    process stalls a multi-threaded pass). Actors that hold every Ray CPU starve the file listing,
+    By default one single-threaded actor per core: small matrices scale poorly across threads, and
+    any other process stalls a multi-threaded pass (docs/benchmarks.md compares the two). Actors that hold every Ray CPU starve the file listing,
     read and write tasks and the job never ends, so actors share what `reserved_cpus` leaves; each
     actor's threads are its node's cores shared among the actors placed there (I/O tasks are short).
     """

@@ -93,8 +93,9 @@ def log_pyfunc(
     from mlflow.tracking import MlflowClient
 
     settings = config.to_dict()
-    model = mlflow.initialize_logged_model(
-        name="model", source_run_id=run_id, params={name: str(value) for name, value in settings.items()}
+    model = mlflow.initialize_logged_model(  # in the run's experiment, not the current one (Default when none is set)
+        name="model", source_run_id=run_id, params={name: str(value) for name, value in settings.items()},
+        experiment_id=mlflow.get_run(run_id).info.experiment_id,
     )
     info = mlflow.pyfunc.log_model(
         name="model",

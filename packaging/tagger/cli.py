@@ -15,12 +15,13 @@ import click
 from mlflow.exceptions import MlflowException
 
 from mlflow_model.config import PredictorConfig
-from mlflow_model.engines import build_name, build_names
+from mlflow_model.engines import build_name, build_names, split_build
 from tagger.config import (
     SCHEDULERS,
     BatchPredictConfig,
     PackageConfig,
     QuickstartConfig,
+    ServeConfig,
     TrainConfig,
     champion_uri,
 )
@@ -138,7 +139,8 @@ def cli(verbose: bool) -> None:
          help="Top probability under which the tag becomes 'other' (stored in the model).")
 @setting("--batch-size", PredictorConfig, WholeNumber(), help="Rows per forward pass (stored in the model).")
 @click.option("--build", "build", type=Blankable(click.Choice(build_names())), default=None,
-              help="Engine and precision of the served model; a build other than torch-fp32 gets its F1 change "
+              help=f"Engine and precision of the served model: {', '.join(build_names())}. A build other than "
+                   "torch-fp32 gets its F1 change "
                    f"against torch-fp32 measured and tagged. [default: {build_name('torch', 'fp32')}]")
 @setting("--trace", PackageConfig, click.BOOL,
          help="torch builds: run a TorchScript trace of the model, checked against it at packaging (fp32: shipped "
@@ -146,8 +148,9 @@ def cli(verbose: bool) -> None:
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
-         help="Serving: most rows one request may hold (default: measured here, half the request timeout's worth).")
-@setting("--eval-dataset", PackageConfig, help="Labelled CSV for a build's F1 change (default: data/projects.csv).")
+         help="Serving: most rows one request may hold (default: measured at packaging, half the request timeout's worth).")
+@setting("--eval-dataset", PackageConfig,
+         help="Labelled CSV for a build's F1 change (default: the shipped tagger/datasets/projects.csv).")
 @setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
          "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
 def package(experiment_name: str, **values: Any) -> None:
@@ -155,7 +158,7 @@ def package(experiment_name: str, **values: Any) -> None:
     from tagger.package import package_best_run
 
     values = given(values)
-    engine, _, precision = values.pop("build", build_name("torch", "fp32")).partition("-")
+    engine, precision = split_build(values.pop("build", build_name("torch", "fp32")))
     serving = {name for name in PredictorConfig.__dataclass_fields__ if name in values}
     predictor = PredictorConfig(engine=engine, precision=precision, **{name: values.pop(name) for name in serving})
     if "mode" in values:
@@ -260,7 +263,8 @@ def train_options(function: Any) -> Any:
     options = [
         setting("--experiment-name", T, help="MLflow experiment that receives the run(s) (default: under `mlflow "
                 "run`, the experiment of its run; else tagger)."),
-        setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: data/projects.csv)."),
+        setting("--dataset-loc", T, help="CSV path or URL with title, description, tag (default: the shipped "
+                "tagger/datasets/projects.csv)."),
         setting("--base-model", T, help="Encoder folder or Hugging Face name (default: bundled all-MiniLM-L6-v2)."),
         setting("--num-workers", T, WholeNumber(), help="Ray Train workers (data parallel)."),
         setting("--cpu-per-worker", T, WholeNumber(), help="Ray CPUs per worker, also its torch threads."),
@@ -341,6 +345,43 @@ def sweep(lrs: list, dropouts: list, batch_sizes: list, epochs: list, **values: 
         "sweep_id": outcome.sweep_id, "runs": [r.run_id for r in outcome.results], "best_run_id": outcome.best.run_id,
         "best_val_loss": round(outcome.best.best_metrics["val_loss"], 4),
     }))
+
+
+@cli.command()
+@setting("--model-uri", ServeConfig, help="Model to serve: an alias or stage is followed (polled), models:/NAME/N is pinned.")
+@setting("--host", ServeConfig, help="Address Ray Serve's HTTP proxy listens on.")
+@setting("--port", ServeConfig, click.IntRange(1, 65535))
+@setting("--replicas", ServeConfig, WholeNumber(), help="Fixed number of replicas.")
+@setting("--min-replicas", ServeConfig, WholeNumber(minimum=0), help="Autoscale on ongoing requests from this many...")
+@setting("--max-replicas", ServeConfig, WholeNumber(), help="...to this many replicas.")
+@setting("--replica-cpus", ServeConfig, click.FloatRange(min=0, min_open=True),
+         help="Ray CPUs per replica, also its model's inference threads (rounded, at least 1).")
+@setting("--max-ongoing-requests", ServeConfig, WholeNumber(), help="Requests one replica takes at once.")
+@setting("--poll-s", ServeConfig, click.FloatRange(min=0),
+         help="Serving an alias or stage: look it up this often and roll out a new version (0: never).")
+@setting("--serve-batch-size", ServeConfig, WholeNumber(minimum=0),
+         help="Also batch requests with Ray Serve's @serve.batch, up to this many (0: only the model's own batching).")
+@setting("--proxy-location", ServeConfig, click.Choice(["HeadOnly", "EveryNode"]),
+         help="One HTTP proxy on the head node, or one per node (behind a load balancer).")
+@setting("--ray-address", ServeConfig, help="Ray cluster to join: host:port as `ray start` prints it, or auto "
+         "(default: RAY_ADDRESS, else a local Ray).")
+@setting("--metrics-export-port", ServeConfig, click.IntRange(1, 65535),
+         help="A local Ray's Prometheus metrics port (a cluster's: `ray start --metrics-export-port`).")
+@click.option("--write-config", type=Blankable(click.Path(dir_okay=False)), default=None,
+              help="Write a Ray Serve config file for `serve deploy FILE` instead of serving.")
+def serve(write_config: str | None, **values: Any) -> None:
+    """Serve a registered model on Ray Serve (the HTTP API of `mlflow models serve`) until Ctrl-C."""
+    from tagger.serve import run_in_foreground, write_config as write_serve_config
+
+    values = given(values)
+    if "replicas" in values and ({"min_replicas", "max_replicas"} & set(values)):
+        raise click.UsageError("give --replicas N, or --min-replicas/--max-replicas (autoscaling), not both")
+    config = ServeConfig(**values)
+    if write_config:
+        write_serve_config(config, write_config)
+        click.echo(f"Wrote {write_config}: deploy it with `serve deploy {write_config}` on the cluster")
+        return
+    run_in_foreground(config, ready=lambda line: click.echo(line))
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
 BEST_PREFIX = "best_"  # training run summary metrics: best_val_loss, ... (the best epoch's, its checkpoint's)
-# The small labelled dataset the project ships (build time only).
-SHIPPED_DATASET = Path(__file__).resolve().parents[2] / "data" / "projects.csv"
+# The small labelled dataset the project ships (build time only): package data of `tagger`, so it is
+# there wherever tagger is installed (a wheel is installed as plain files, so this is a real path).
+SHIPPED_DATASET = Path(str(resources.files("tagger") / "datasets" / "projects.csv"))
 SCHEDULERS = ("linear", "cosine", "plateau", "constant")
 DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what default_base_model() holds
 
@@ -53,12 +55,12 @@ class PackageConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run on Ray Train (defaults tuned for all-MiniLM-L6-v2 on 2 CPU cores)."""
+    """One training run on Ray Train (defaults chosen for all-MiniLM-L6-v2 on a few CPU cores)."""
 
     experiment_name: str | None = None  # None: under `mlflow run`, its run's experiment; else "tagger"
     dataset_loc: str | None = None  # None: SHIPPED_DATASET
     base_model: str | None = None  # None: default_base_model()
-    num_epochs: int = 5  # tuned: 5 epochs at lr 1e-4 (linear decay) beat 10 on validation and holdout
+    num_epochs: int = 5  # at lr 1e-4 with linear decay, more epochs did not improve validation or holdout loss
     batch_size: int = 32  # global: each of num_workers workers takes batch_size // num_workers
     lr: float = 1e-4
     dropout_p: float = 0.1
@@ -126,3 +128,24 @@ class QuickstartConfig:
     num_epochs: int = TrainConfig.num_epochs
     holdout_size: float = 0.2  # share of the shipped data held out: the version is evaluated and gated on it
     seed: int = TrainConfig.seed  # of that split
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`tagger serve`: the registered model on Ray Serve, with `mlflow models serve`'s HTTP contract."""
+
+    model_uri: str = champion_uri()  # an alias or stage is followed (polled); models:/NAME/N is pinned
+    host: str = "127.0.0.1"  # where Ray Serve's HTTP proxy listens
+    port: int = 8000
+    replicas: int = 1  # fixed replicas (ignored when min_replicas or max_replicas is set)
+    min_replicas: int | None = None  # autoscaling on ongoing requests between min and max replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 2.0  # autoscaling target per replica (Ray Serve's default)
+    replica_cpus: float = 1.0  # Ray CPUs per replica; also its model's inference threads (rounded, at least 1)
+    max_ongoing_requests: int = 64  # requests a replica takes at once (its model batches their rows)
+    poll_s: float = 10.0  # replicas of an alias or stage look it up this often; 0: never reload
+    request_timeout_s: float | None = None  # a request gets a 504 after this; None: MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60)
+    proxy_location: str = "HeadOnly"  # HeadOnly: one HTTP proxy, on the head; EveryNode: one per node (a load balancer in front)
+    ray_address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
+    serve_batch_size: int = 0  # >0: Ray Serve's @serve.batch gathers this many requests first (0: only the model batches)
+    metrics_export_port: int | None = None  # a local Ray's Prometheus port (ray.init's); a cluster's: `ray start --metrics-export-port`

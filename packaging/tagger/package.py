@@ -74,4 +74,4 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
         f"encoder {encoder_name(base_model)}",
     ])
-    return register_version(info.model_uri, config.model_name, tags, description)
+    return register_version(info.model_uri, config.model_name, tags, description, info.model_id)

@@ -119,7 +119,7 @@ def package_note(version: ModelVersion) -> str:
     )
 
 
-def link_runs(version: ModelVersion) -> None:
+def link_runs(version: ModelVersion, model_id: str | None = None) -> None:
     """Name the package run after the version; link the training run to the model (the run page then lists it
     among its logged and registered models), tag it with the versions it became and say so in its description."""
     from mlflow.entities import LoggedModelOutput
@@ -132,8 +132,8 @@ def link_runs(version: ModelVersion) -> None:
         set_note(client, version.run_id, package_note(version))
     training_run = version.tags.get("source_run_id")
     if training_run:
-        if version.model_id:
-            client.log_outputs(training_run, [LoggedModelOutput(version.model_id, 0)])
+        if model_id:
+            client.log_outputs(training_run, [LoggedModelOutput(model_id, 0)])
         run = client.get_run(training_run)
         versions = [v for v in run.data.tags.get(VERSIONS_TAG, "").split(", ") if v]
         versions.append(f"{version.name} v{version.version}")
@@ -143,13 +143,15 @@ def link_runs(version: ModelVersion) -> None:
         set_note(client, training_run, f"{note.rstrip()}\n\n{REGISTERED_AS}{links}".lstrip())
 
 
-def register_version(model_uri: str, name: str, tags: dict[str, str], description: str) -> ModelVersion:
+def register_version(
+    model_uri: str, name: str, tags: dict[str, str], description: str, model_id: str | None = None
+) -> ModelVersion:
     """A new version of `name` (created if needed) with tags and a description; the registered model's
     description follows it, its package run is named after it and its training run tagged with it."""
     version = mlflow.register_model(model_uri, name, tags={k: v for k, v in tags.items() if v not in ("", None)})
     version = MlflowClient().update_model_version(name, version.version, description=description)
     describe_registered_model(name, version)
-    link_runs(version)
+    link_runs(version, model_id)
     return version
 
 

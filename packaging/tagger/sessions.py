@@ -13,11 +13,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow_model
+import tagger
 from tagger.errors import ServiceError, one_line
 
-# What Ray workers on another machine need to import: the served model's code and this package.
-RUNTIME_PACKAGE = Path(__file__).resolve().parents[2] / "mlflow_model"
-BUILD_PACKAGE = Path(__file__).resolve().parent
+# What Ray workers on another machine need to import: the served model's code and this package. Both are
+# found where Python imports them from (a source checkout, an editable install or an installed wheel).
+RUNTIME_PACKAGE = Path(mlflow_model.__file__).resolve().parent
+BUILD_PACKAGE = Path(tagger.__file__).resolve().parent
 DEFAULT_EXPERIMENT = "tagger"  # train's experiment when none is named and no `mlflow run` names one
 # Driver settings that Ray workers of a joined cluster get through the runtime env (plus every AWS_*).
 WORKER_VARIABLES = (
@@ -172,9 +175,11 @@ def join_cluster(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats);
-    yields True if local.
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, init_options: dict[str, Any] | None = None
+) -> Iterator[bool]:
+    """Join the cluster at `address` or RAY_ADDRESS, else start a local Ray (no dashboard, no usage stats,
+    plus `init_options` for ray.init); yields True if local.
 
     A no-op when this process is already connected. The connection made here is closed at the end
     (a local Ray stops; a joined cluster keeps running).
@@ -189,7 +194,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = ray_address(address)
     if address is None:  # local workers import both packages from this environment and inherit its variables
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning")
+        # "local": a Ray of its own even when `ray start` runs on this machine (ray.init() would join that one,
+        # and then refuse num_cpus); joining a cluster takes RAY_ADDRESS or --ray-address.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="warning",
+                 **(init_options or {}))
     else:
         join_cluster(address)
     try:
