@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from helpers import ROOT, build_tiny_encoder, write_tiny_csv
 from mlflow.tracking import MlflowClient

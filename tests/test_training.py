@@ -5,7 +5,6 @@ The trained runs are packaged with package_best_run and the registered model pre
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import mlflow
