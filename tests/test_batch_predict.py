@@ -14,23 +14,17 @@ import pyarrow as pa
 import pytest
 import ray
 from click.testing import CliRunner
-from conftest import build_tiny_checkpoint, log_training_run
 
 from tagger.batch_predict import (
     STAGING_SUFFIX, SUCCESS_MARKER, TaggerActor, batch_predict, check_row_count, input_format,
 )
 from tagger.cli import cli
-from mlflow_model.config import PredictorConfig
-from tagger.config import BatchPredictConfig, PackageConfig
-from tagger.errors import ServiceError
+from tagger.config import BatchPredictConfig
 from mlflow_model.errors import InvalidInputError
-from mlflow_model.predictor import Predictor
-from tagger.package import package_best_run
-from tagger.registry import promote
+from tagger.errors import OptionError, ServiceError
 
 TAGS = {"natural-language-processing", "computer-vision", "mlops", "other"}
 
-pytestmark = pytest.mark.slow  # a real local Ray
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +36,10 @@ def local_ray():
 
 
 @pytest.fixture
-def champion(tmp_path, tiny_encoder, tracking_uri) -> str:
-    """A tiny model packaged from a training run, registered and aliased champion."""
-    log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=0), 0.5)
-    config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), predictor=PredictorConfig())
-    version = package_best_run(config)
-    promote(version.name, version.version)
-    return "models:/tagger@champion"
+def champion(packaged_store) -> str:
+    """The shared packaged model, aliased champion, its store the current one: what batch jobs tag with by default."""
+    assert BatchPredictConfig(input="x.csv", output="o").model_uri == packaged_store.model_uri
+    return packaged_store.model_uri
 
 
 @pytest.fixture
@@ -77,10 +68,12 @@ def test_format_comes_from_the_extension_or_is_named():
     assert input_format("s3://bucket/x/*.csv") == "csv"
     assert input_format("data/part.jsonl") == "json"
     assert input_format("folder", "parquet") == "parquet"
-    with pytest.raises(InvalidInputError, match="pass --format"):
+    with pytest.raises(OptionError, match="pass --format") as refused:
         input_format("folder")
+    assert not isinstance(refused.value, InvalidInputError)  # a command-line option, not a request's bad input
 
 
+@pytest.mark.slow  # a real local Ray
 def test_one_job_over_several_files_writes_every_row_once_in_parquet_with_bad_rows_reported(
     local_ray, champion, input_files, tmp_path
 ):
@@ -100,11 +93,12 @@ def test_one_job_over_several_files_writes_every_row_once_in_parquet_with_bad_ro
     assert all(set(p) == TAGS and abs(sum(p.values()) - 1) < 1e-5 for p in good["probabilities"])
     assert list(written.columns[:3]) == ["id", "title", "description"]  # input columns kept, first
     assert (summary.rows, summary.bad_rows) == (9, 3) and sorted(summary.errors) == sorted(bad["error"])
-    with pytest.raises(InvalidInputError, match="already holds files"):
+    with pytest.raises(OptionError, match="already holds files"):
         batch_predict(config)  # a re-run never appends to (nor deletes) an earlier output
     assert sorted(pd.read_parquet(out)["id"]) == list(range(1, 10))
 
 
+@pytest.mark.slow  # a real local Ray
 def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_predicted(
     local_ray, champion, input_files, tmp_path
 ):
@@ -117,16 +111,16 @@ def test_rows_without_ids_are_named_by_their_text_and_null_descriptions_are_pred
     assert sorted(parquet["id"]) == [14, 15, 16] and set(parquet["prediction"]) <= TAGS
 
 
-def test_the_actor_predicts_good_rows_through_the_pyfunc_and_names_bad_ones(packaged_model):
+def test_the_actor_predicts_good_rows_through_the_pyfunc_and_names_bad_ones(packaged):
     actor = object.__new__(TaggerActor)  # the actor's __call__ on the packaged pyfunc, without Ray
-    actor.model, actor.id_column = packaged_model, "id"
-    actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in packaged_model.metadata.metadata["labels"]])
+    actor.model, actor.id_column = packaged.model, "id"
+    actor.probabilities_type = pa.struct([(tag, pa.float64()) for tag in packaged.model.metadata.metadata["labels"]])
     batch = pd.DataFrame({"id": [1, 2, 3], "title": ["image model", None, "bert text"], "description": [np.nan] * 3,
                           "extra": ["kept", "in", "output"]})
     rows = actor(batch)
     assert rows.column("error").to_pylist() == [None, "row 2: column 'title' is null; it must be a string", None]
     assert rows.column("extra").to_pylist() == ["kept", "in", "output"]
-    expected = packaged_model.predict(pd.DataFrame({"title": ["image model", "bert text"], "description": [None, None]}))
+    expected = packaged.model.predict(pd.DataFrame({"title": ["image model", "bert text"], "description": [None, None]}))
     assert rows.column("prediction").to_pylist() == [expected["prediction"][0], None, expected["prediction"][1]]
     probabilities = rows.column("probabilities").to_pylist()
     assert probabilities[1] is None
@@ -134,6 +128,7 @@ def test_the_actor_predicts_good_rows_through_the_pyfunc_and_names_bad_ones(pack
     assert probabilities[2] == pytest.approx(expected["probabilities"][1])
 
 
+@pytest.mark.slow  # a real local Ray
 def test_cli_prints_the_bad_rows(local_ray, champion, input_files, tmp_path):
     result = CliRunner().invoke(cli, [
         "batch-predict", "--input", str(input_files["folder"] / "a.csv"), "--output", str(tmp_path / "o"),
@@ -151,6 +146,7 @@ def test_cli_rejects_a_fractional_concurrency(input_files, tmp_path):
     assert result.exit_code == 2 and "must be a whole number >= 1" in result.output
 
 
+@pytest.mark.slow  # a real local Ray
 def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
     from tagger.batch_predict import actor_resources
 
@@ -158,7 +154,7 @@ def test_actors_never_take_the_cpus_that_reading_and_writing_need(local_ray):
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2)) == (2, 0.375, 1)
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o")) == (2, 0.375, 1)  # one per core
     assert actor_resources(BatchPredictConfig(input="x.csv", output="o", cpus_per_actor=0.5)) == (1, 0.5, 1)
-    with pytest.raises(InvalidInputError, match="--concurrency 2 x --cpus-per-actor 1 needs more than the 0.75"):
+    with pytest.raises(OptionError, match="--concurrency 2 x --cpus-per-actor 1 needs more than the 0.75"):
         actor_resources(BatchPredictConfig(input="x.csv", output="o", concurrency=2, cpus_per_actor=1))
 
 
@@ -194,6 +190,7 @@ def mixed_files(tmp_path) -> tuple[str, pd.DataFrame]:
     return str(folder / "*.csv"), rows
 
 
+@pytest.mark.slow  # a real local Ray
 def test_many_files_and_blocks_give_every_row_once_bad_rows_once_and_the_in_process_predictions(
     local_ray, champion, mixed_files, tmp_path
 ):
@@ -213,16 +210,18 @@ def test_many_files_and_blocks_give_every_row_once_bad_rows_once_and_the_in_proc
     good = rows[rows["title"].notna()]
     import mlflow
 
-    expected = mlflow.pyfunc.load_model(champion).predict(good[["title", "description"]])
+    in_process = mlflow.pyfunc.load_model(champion, model_config={"max_request_rows": None})  # as the actors load it
+    expected = in_process.predict(good[["title", "description"]])
     batch = by_id.loc[good["id"]]
     assert batch["prediction"].tolist() == expected["prediction"].tolist()  # the batch path is the in-process one
     for got, want in zip(batch["probabilities"], expected["probabilities"]):
         assert got == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.slow  # a real local Ray
 def test_input_without_a_model_column_is_refused_before_any_work(local_ray, champion, tmp_path):
     pd.DataFrame({"id": [1], "title": ["image model"], "body": ["vision"]}).to_csv(tmp_path / "in.csv", index=False)
-    with pytest.raises(InvalidInputError, match=r"has no column\(s\) \['description'\]"):
+    with pytest.raises(OptionError, match=r"has no column\(s\) \['description'\]"):
         batch_predict(BatchPredictConfig(input=str(tmp_path / "in.csv"), output=str(tmp_path / "out")))
     assert not glob.glob(str(tmp_path / "out*"))
 
@@ -277,6 +276,7 @@ def kill_an_actor_mid_job(job: Job, output: str, timeout: float = 180) -> tuple[
     return victim, len(staged), later - {victim}
 
 
+@pytest.mark.slow  # a real local Ray
 def test_a_killed_actor_is_restarted_and_every_row_is_written_once(local_ray, champion, many_files, tmp_path):
     pattern, rows = many_files
     out = str(tmp_path / "out")
@@ -291,6 +291,7 @@ def test_a_killed_actor_is_restarted_and_every_row_is_written_once(local_ray, ch
     assert job.summary.rows == rows and written["error"].isna().all()
 
 
+@pytest.mark.slow  # a real local Ray
 def test_a_job_whose_actor_may_not_restart_fails_clearly_and_leaves_no_output(local_ray, champion, many_files, tmp_path):
     pattern, _ = many_files
     out = str(tmp_path / "out")
@@ -302,6 +303,7 @@ def test_a_job_whose_actor_may_not_restart_fails_clearly_and_leaves_no_output(lo
     assert not glob.glob(f"{out}/*") and not glob.glob(f"{out}{STAGING_SUFFIX}*")  # nothing that looks complete
 
 
+@pytest.mark.slow  # a real local Ray
 def test_a_staged_output_with_a_repeated_batch_is_refused(local_ray, tmp_path):
     rows = pd.DataFrame({"id": [1, 2, 3], "title": ["a", "b", "c"], "description": ["x", "y", "z"]})
     rows.to_csv(tmp_path / "in.csv", index=False)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, scoring_server, varied_rows
+from helpers import CLASS_TO_INDEX, build_tiny_checkpoint, copy_empty_store, log_training_run, mlflow_store, scoring_server, varied_rows
 
 from mlflow_model.checkpoint import SAFETENSORS_FILE
 from mlflow_model.config import ONNX_FILE, ONNX_WEIGHTS_FILE, TRACE_FILE, PredictorConfig
@@ -27,28 +26,29 @@ ROWS = varied_rows(60, seed=5)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_encoder) -> dict:
-    """One training run (tiny model) in a module-wide store, a labelled CSV, and torch fp32's probabilities."""
+def builds_run(tmp_path_factory, tiny_encoder, empty_store) -> dict:
+    """One training run (tiny model) in a module-wide store of its own (the builds register versions of it),
+    a labelled CSV, and torch fp32's probabilities."""
     folder = tmp_path_factory.mktemp("builds")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     checkpoint = build_tiny_checkpoint(folder / "checkpoint", tiny_encoder, seed=3)
     labelled = ROWS.assign(tag=[list(CLASS_TO_INDEX)[i % 4] for i in range(len(ROWS))])
     labelled.to_csv(folder / "eval.csv", index=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
+    with mlflow_store(copy_empty_store(empty_store, folder), cwd=folder) as uri:
         log_training_run("exp", checkpoint, 0.5)
-        mlflow.set_experiment("Default")
     with Predictor.from_directories(checkpoint, tiny_encoder) as reference:
         expected = reference.predict_proba(ROWS)
-    yield {"uri": uri, "folder": folder, "csv": str(folder / "eval.csv"), "expected": expected}
-    mlflow.set_tracking_uri(None)
+    return {"uri": uri, "folder": folder, "csv": str(folder / "eval.csv"), "expected": expected}
+
+
+@pytest.fixture
+def store(builds_run, tmp_path) -> dict:
+    """That store, the current one for this test."""
+    with mlflow_store(builds_run["uri"], cwd=tmp_path):
+        yield builds_run
 
 
 def package(store: dict, tiny_encoder, engine: str, precision: str) -> str:
     """Package the run as one build; its models:/ URI."""
-    mlflow.set_tracking_uri(store["uri"])
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=store["csv"],
                            predictor=PredictorConfig(engine=engine, precision=precision))
     version = package_best_run(config)
@@ -65,6 +65,7 @@ def probabilities(model: mlflow.pyfunc.PyFuncModel) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("engine", "precision"), [("torch", "bf16"), ("torch", "int8"), ("onnx", "int8")])
+@pytest.mark.slow  # packages a model per build
 def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precision):
     got = probabilities(mlflow.pyfunc.load_model(package(store, tiny_encoder, engine, precision)))
     assert got.shape == store["expected"].shape
@@ -72,7 +73,7 @@ def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precisio
     np.testing.assert_allclose(got, store["expected"], atol=0.05)
 
 
-def load_offline_in_a_new_process(store: dict, uri: str) -> dict:
+def load_offline_in_a_new_process(tracking_uri: str, uri: str) -> dict:
     """Load the model and predict ROWS in a fresh offline process: whether it imported torch / transformers, its probabilities."""
     script = (
         "import json, sys, mlflow, pandas as pd;"
@@ -81,27 +82,32 @@ def load_offline_in_a_new_process(store: dict, uri: str) -> dict:
         "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules,"
         " 'probabilities': list(p['probabilities'])}))"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": store["uri"]}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
     output = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     loaded = json.loads(output.stdout.strip().splitlines()[-1])
     loaded["probabilities"] = np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in loaded["probabilities"]])
     return loaded
 
 
-def test_the_torch_fp32_build_ships_its_trace_without_weights_and_loads_without_transformers(store, tiny_encoder):
+def test_the_torch_fp32_build_ships_its_trace_without_weights(packaged):
     import torch
 
-    mlflow.set_tracking_uri(store["uri"])
-    version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder)))
-    uri = f"models:/tagger/{version.version}"
-    checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
+    checkpoint = packaged.local / "artifacts" / "checkpoint"
     assert {p.name for p in checkpoint.iterdir()} == {SAFETENSORS_FILE, TRACE_FILE, "args.json", "class_to_index.json"}
-    assert version.tags["forward"] == "shipped_trace"
+    assert packaged.model.metadata.flavors["python_function"]["config"]["forward"] == "shipped_trace"
+    assert isinstance(packaged.model.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
     trace = torch.jit.load(str(checkpoint / TRACE_FILE))
     assert all(p.untyped_storage().nbytes() <= p.element_size() for p in trace.parameters())  # placeholders only
-    loaded = load_offline_in_a_new_process(store, uri)
+
+
+@pytest.mark.slow  # a new process
+def test_the_torch_fp32_build_loads_offline_without_transformers(packaged, tiny_encoder):
+    with Predictor.from_directories(packaged.checkpoint, tiny_encoder) as reference:
+        expected = reference.predict_proba(ROWS)
+    loaded = load_offline_in_a_new_process(packaged.tracking_uri, packaged.model_uri)
     assert loaded["torch"] is True and loaded["transformers"] is False
-    np.testing.assert_allclose(loaded["probabilities"], store["expected"], atol=1e-5)
+    np.testing.assert_allclose(loaded["probabilities"], expected, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -113,7 +119,7 @@ def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encod
     requirements = mlflow.pyfunc.get_model_dependencies(uri)
     pins = open(requirements).read().split()
     assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith(("torch", "transformers")) for p in pins)
-    loaded = load_offline_in_a_new_process(store, uri)
+    loaded = load_offline_in_a_new_process(store["uri"], uri)
     assert loaded["torch"] is False and loaded["transformers"] is False
     np.testing.assert_allclose(loaded["probabilities"], store["expected"], atol=1e-4)  # fp32: the same model
 
@@ -125,6 +131,7 @@ def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encod
         np.testing.assert_allclose(served, store["expected"][:5], atol=1e-4)
 
 
+@pytest.mark.slow  # exports an ONNX graph
 def test_an_onnx_file_that_is_not_the_model_is_refused(tmp_path, tiny_encoder):
     """The export check compares the ONNX file with the torch model on real rows: another model's file fails it."""
     from transformers import AutoConfig
@@ -143,9 +150,29 @@ def test_an_onnx_file_that_is_not_the_model_is_refused(tmp_path, tiny_encoder):
         check_export(models[1], onnx_file, batches)
 
 
-def test_only_builds_that_exist_are_offered_and_accepted(store, tiny_encoder):
+def test_only_builds_that_exist_are_offered_and_accepted():
     with pytest.raises(ConfigError, match="engine 'onnx' has no 'bf16' build; the builds are torch-fp32, torch-bf16"):
         PredictorConfig(engine="onnx", precision="bf16")
     outcome = CliRunner().invoke(cli, ["package", "--experiment-name", "exp", "--build", "onnx-bf16"])
     assert outcome.exit_code == 2 and "'onnx-bf16' is not one of 'torch-fp32', 'torch-bf16'" in outcome.output
     assert "Traceback" not in outcome.output
+
+
+def test_config_cli_choices_and_requirements_all_come_from_the_engine_registry(packaged):
+    from mlflow_model.engines import ENGINES, build_names
+    from tagger.bundle import pinned_requirements
+
+    offered = next(p for p in cli.commands["package"].params if p.name == "build").type
+    assert list(offered.inner.choices) == build_names()  # click.Choice inside Blankable
+    assert build_names() == [f"{e}-{p}" for e, spec in ENGINES.items() for p in spec.precisions]
+    assert build_names()[0] == "torch-fp32"  # the reference build first
+    for engine, spec in ENGINES.items():
+        assert [pin.split("==")[0] for pin in pinned_requirements(engine)] == list(spec.requirements)
+        for forward in spec.forwards:
+            assert PredictorConfig(engine=engine, precision=spec.precisions[0], forward=forward).forward == forward
+    with pytest.raises(ConfigError, match=r"unknown engine 'tpu'; the engines are \['onnx', 'torch'\]"):
+        PredictorConfig(engine="tpu")
+    with pytest.raises(ConfigError, match=r"engine 'onnx' has no forward path 'eager'"):
+        PredictorConfig(engine="onnx", forward="eager")
+    with pytest.raises(ConfigError, match="unknown engine 'tpu'"):  # a config error at load, not a checkpoint one
+        mlflow.pyfunc.load_model(str(packaged.local), model_config={"engine": "tpu"})

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint
+from helpers import CLASS_TO_INDEX, build_tiny_checkpoint
 from mlflow.tracking import MlflowClient
 
-from tagger.bundle import log_pyfunc, stage_artifacts
+from tagger.bundle import final_settings, log_pyfunc, stage_artifacts
 from tagger.cli import cli
 from tagger.evaluate import evaluate_model, slice_masks
 from tagger.gate import decide, gated_promote
@@ -61,11 +61,13 @@ def constant_checkpoint(folder: Path, encoder: Path, tag: str) -> Path:
 
 
 def register(checkpoint: Path, encoder: Path, tmp_path: Path) -> str:
-    """Bundle a checkpoint as a pyfunc in a run and register it as a new version of NAME."""
+    """Bundle a checkpoint as a pyfunc of a package run and register it as a new version of NAME."""
     out = tmp_path / f"model-{checkpoint.parent.name}"
     artifacts = stage_artifacts(checkpoint, str(encoder), out)
-    with mlflow.start_run(run_name="package"):
-        info = log_pyfunc(artifacts, PredictorConfig())
+    config, signature = final_settings(artifacts, PredictorConfig(max_request_rows=100))
+    with mlflow.start_run(run_name="package") as run:
+        pass
+    info = log_pyfunc(artifacts, config, signature, run.info.run_id, out / "manifest")
     return str(register_version(info.model_uri, NAME, {}, "test version").version)
 
 
@@ -77,6 +79,7 @@ def better_and_worse(tmp_path, tiny_encoder, tracking_uri) -> dict[str, str]:
     return {"better": register(better, tiny_encoder, tmp_path), "worse": register(worse, tiny_encoder, tmp_path)}
 
 
+@pytest.mark.slow  # packages and registers models
 def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder, tracking_uri, eval_csv):
     version = register(build_tiny_checkpoint(tmp_path / "random" / "c", tiny_encoder, seed=3), tiny_encoder, tmp_path)
     promote(NAME, version)
@@ -126,6 +129,7 @@ def promote_runs(version: str) -> list:
                               search_all_experiments=True, output_format="list")
 
 
+@pytest.mark.slow  # packages and registers models
 def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse, eval_csv):
     better, worse = better_and_worse["better"], better_and_worse["worse"]
     client = MlflowClient()
@@ -171,6 +175,7 @@ def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse,
     assert len(children) == 1
 
 
+@pytest.mark.slow  # packages and registers models
 def test_promote_without_a_gate_is_recorded_in_a_promote_run(better_and_worse):
     promoted, decision = gated_promote(NAME, better_and_worse["worse"], None)
     assert decision is None and champion_version(NAME) == better_and_worse["worse"]
@@ -178,6 +183,7 @@ def test_promote_without_a_gate_is_recorded_in_a_promote_run(better_and_worse):
     assert (run.data.tags["gate.decision"], run.data.tags["previous_champion"]) == ("not gated", "none")
 
 
+@pytest.mark.slow  # packages and registers models
 def test_cli_evaluate_prints_json_and_promote_refusal_is_one_line(better_and_worse, eval_csv):
     runner = CliRunner()
     result = runner.invoke(cli, ["evaluate", "--model-uri", f"models:/{NAME}/1", "--dataset-loc", eval_csv])

@@ -9,30 +9,11 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import build_tiny_checkpoint, log_training_run
 
-from mlflow_model.errors import CheckpointError
+from mlflow_model.errors import CheckpointError, IntegrityError
 from tagger.cli import cli
-from tagger.config import PackageConfig
-from tagger.package import package_best_run
 
 ROWS = pd.DataFrame({"title": ["bert text", "image video"], "description": ["language", None]})
-
-
-@pytest.fixture(scope="module")
-def packaged_folder(tmp_path_factory, tiny_encoder) -> Path:
-    """A packaged tiny model, downloaded to a local folder (each test tampers with its own copy)."""
-    folder = tmp_path_factory.mktemp("integrity")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
-        log_training_run("exp", build_tiny_checkpoint(folder / "ckpt", tiny_encoder, seed=4), 0.5)
-        version = package_best_run(PackageConfig(experiment_name="exp", base_model=str(tiny_encoder)))
-        local = mlflow.artifacts.download_artifacts(f"models:/tagger/{version.version}", dst_path=str(folder / "model"))
-        mlflow.set_experiment("Default")
-    mlflow.set_tracking_uri(None)
-    return Path(local)
 
 
 def flip_bytes(path: Path) -> None:
@@ -61,17 +42,34 @@ TAMPERINGS = {
 
 
 @pytest.mark.parametrize("problem", sorted(TAMPERINGS))
-def test_a_tampered_package_is_refused_at_load_naming_the_file(packaged_folder, tmp_path, problem):
-    copy = Path(shutil.copytree(packaged_folder, tmp_path / "model"))
+def test_a_tampered_package_is_refused_at_load_naming_the_file(packaged, tmp_path, problem):
+    copy = Path(shutil.copytree(packaged.local, tmp_path / "model"))  # the shared copy stays as packaged
     TAMPERINGS[problem](copy / "artifacts")
-    with pytest.raises(CheckpointError, match=problem):
+    with pytest.raises(IntegrityError, match=problem) as refused:
         mlflow.pyfunc.load_model(str(copy))
+    assert isinstance(refused.value, CheckpointError)  # a model that cannot be loaded as packaged
     outcome = CliRunner().invoke(cli, ["verify", "--model-uri", str(copy)])
     assert outcome.exit_code == 1 and problem in outcome.output and "Traceback" not in outcome.output
 
 
-def test_a_clean_package_loads_and_verifies(packaged_folder):
-    model = mlflow.pyfunc.load_model(str(packaged_folder))
-    assert len(model.predict(ROWS)) == 2
-    outcome = CliRunner().invoke(cli, ["verify", "--model-uri", str(packaged_folder)])
+def test_a_clean_package_loads_and_verifies(packaged):
+    model = mlflow.pyfunc.load_model(str(packaged.local))
+    got, expected = model.predict(ROWS), packaged.model.predict(ROWS)  # the copy answers as the registered model
+    assert list(got["prediction"]) == list(expected["prediction"])
+    for mine, theirs in zip(got["probabilities"], expected["probabilities"]):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    outcome = CliRunner().invoke(cli, ["verify", "--model-uri", str(packaged.local)])
     assert outcome.exit_code == 0 and "7 artifact files match" in outcome.output, outcome.output
+
+
+def test_the_manifest_is_one_artifact_naming_every_file(packaged, tmp_path):
+    artifacts = packaged.local / "artifacts"
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    files = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest) == files and len(files) == 7  # every artifact file, the manifest itself aside
+    assert all(len(digest) == 64 for digest in manifest.values())  # SHA-256, hex
+    assert "artifact_sha256" not in packaged.model.metadata.flavors["python_function"]["config"]  # not in model_config
+    copy = Path(shutil.copytree(packaged.local, tmp_path / "model"))
+    (copy / "artifacts" / "manifest.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match="cannot read the model's integrity manifest"):
+        mlflow.pyfunc.load_model(str(copy))

@@ -11,9 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
-from conftest import ROOT, build_tiny_encoder, write_tiny_csv
+from helpers import ROOT, build_tiny_encoder, write_tiny_csv
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASS_TO_INDEX, ROOT, build_tiny_checkpoint, log_training_run
+from helpers import CLASS_TO_INDEX, ROOT, build_tiny_checkpoint, log_training_run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
@@ -56,23 +56,35 @@ def test_best_run_is_chosen_by_val_loss(two_runs):
     assert get_best_run_id("exp", mode="DESC") == two_runs["worse"]
 
 
-def test_tagger_runs_rank_by_their_best_epoch_and_made_with_ml_runs_by_val_loss(tmp_path, tiny_encoder, tracking_uri):
-    """A tagger run's val_loss curve ends at its last epoch; its checkpoint is the best epoch's (best_val_loss)."""
+def tagger_and_made_with_ml_runs(checkpoint: Path) -> tuple[str, str]:
+    """Experiment 'mixed': a tagger run that overfits after its best epoch (best_val_loss 0.3, last val_loss 0.9)
+    with a checkpoint, and a Made With ML run with only val_loss 0.4; their ids."""
     mlflow.set_experiment("mixed")
     with mlflow.start_run() as tagger_run:
         for epoch, value in enumerate([0.5, 0.3, 0.9]):  # overfits after epoch 1
             mlflow.log_metric("val_loss", value, step=epoch)
         mlflow.log_metric("best_val_loss", 0.3)
-        mlflow.log_artifacts(str(build_tiny_checkpoint(tmp_path / "c", tiny_encoder, seed=1)), "checkpoint")
+        mlflow.log_artifacts(str(checkpoint), "checkpoint")
         mlflow.set_tag("checkpoint_path", "checkpoint")
-    made_with_ml = log_training_run("mixed", None, 0.4)  # only val_loss
-    tagger_metrics = mlflow.get_run(tagger_run.info.run_id).data.metrics
+    return tagger_run.info.run_id, log_training_run("mixed", None, 0.4)  # only val_loss
+
+
+def test_tagger_runs_rank_by_their_best_epoch_and_made_with_ml_runs_by_val_loss(tmp_path, tiny_encoder, tracking_uri):
+    """A tagger run's val_loss curve ends at its last epoch; its checkpoint is the best epoch's (best_val_loss)."""
+    tagger_run, made_with_ml = tagger_and_made_with_ml_runs(build_tiny_checkpoint(tmp_path / "c", tiny_encoder, 1))
+    tagger_metrics = mlflow.get_run(tagger_run).data.metrics
     assert ranking_key(tagger_metrics, "val_loss") == "best_val_loss"
     assert ranking_value(tagger_metrics, "val_loss") == 0.3
     assert ranking_key(mlflow.get_run(made_with_ml).data.metrics, "val_loss") == "val_loss"
-    assert get_best_run_id("mixed") == tagger_run.info.run_id  # 0.3 beats 0.4, though its last val_loss is 0.9
+    assert get_best_run_id("mixed") == tagger_run  # 0.3 beats 0.4, though its last val_loss is 0.9
     assert get_best_run_id("mixed", mode="DESC") == made_with_ml
+
+
+@pytest.mark.slow
+def test_the_package_of_a_tagger_run_carries_its_best_epochs_val_loss(tmp_path, tiny_encoder, tracking_uri):
+    tagger_run, _ = tagger_and_made_with_ml_runs(build_tiny_checkpoint(tmp_path / "c", tiny_encoder, seed=1))
     version = package_best_run(PackageConfig(experiment_name="mixed", base_model=str(tiny_encoder)))
+    assert version.tags["source_run_id"] == tagger_run
     assert float(version.tags["val_loss"]) == 0.3  # the packaged checkpoint's value
     assert "val_loss 0.3000" in version.description.splitlines()[0]
 
@@ -92,11 +104,11 @@ def test_selection_errors_name_the_problem(tmp_path, tiny_encoder, tracking_uri)
         get_best_run_id("exp", mode="UP")
 
 
-def test_made_with_ml_trial_folder_is_found_without_tag(tmp_path, tiny_encoder, tracking_uri):
-    """Made With ML logged the whole Ray trial folder; the best checkpoint is found by progress.csv."""
+def made_with_ml_trial_run(tmp_path: Path, encoder: Path) -> str:
+    """Experiment 'mwm': a run that logged a whole Ray <= 2.7 trial folder (two checkpoints, progress.csv), untagged."""
     trial = tmp_path / "trial"
     for name in ("checkpoint_000000", "checkpoint_000001"):
-        folder = build_tiny_checkpoint(trial / name, tiny_encoder, seed=3)
+        folder = build_tiny_checkpoint(trial / name, encoder, seed=3)
         (folder / "class_to_index.json").unlink()  # Ray <= 2.7 kept the label map in .metadata.json
         (folder / ".metadata.json").write_text(json.dumps({"class_to_index": CLASS_TO_INDEX}))
     (trial / "progress.csv").write_text(
@@ -106,28 +118,38 @@ def test_made_with_ml_trial_folder_is_found_without_tag(tmp_path, tiny_encoder, 
     with mlflow.start_run() as run:
         mlflow.log_metric("val_loss", 0.3)
         mlflow.log_artifacts(str(trial))
-    assert find_checkpoint(run.info.run_id) == "checkpoint_000001"
+    return run.info.run_id
+
+
+def test_made_with_ml_trial_folder_is_found_without_tag(tmp_path, tiny_encoder, tracking_uri):
+    """Made With ML logged the whole Ray trial folder; the best checkpoint is found by progress.csv."""
+    assert find_checkpoint(made_with_ml_trial_run(tmp_path, tiny_encoder)) == "checkpoint_000001"
+
+
+@pytest.mark.slow
+def test_a_made_with_ml_trial_folder_packages_its_best_checkpoint(tmp_path, tiny_encoder, tracking_uri):
+    made_with_ml_trial_run(tmp_path, tiny_encoder)
     version = package_best_run(PackageConfig(experiment_name="mwm", base_model=str(tiny_encoder)))
     assert version.tags["checkpoint_path"] == "checkpoint_000001"
 
 
-def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
-    version = package(tiny_encoder)
+def test_packaged_model_matches_the_checkpoint(packaged_store, tiny_encoder):
+    version = MlflowClient().get_model_version("tagger", packaged_store.version)
     assert str(version.version) == "1"
-    assert version.tags["source_run_id"] == two_runs["better"]
+    assert version.tags["source_run_id"] == packaged_store.run_id
     assert float(version.tags["val_loss"]) == pytest.approx(0.4)
     assert version.tags["checkpoint_path"] == "checkpoint"
-    assert two_runs["better"] in version.description
+    assert version.tags["forward"] == "shipped_trace"  # the path the torch fp32 build runs, recorded at packaging
+    assert packaged_store.run_id in version.description
     assert version.tags["encoder"] == tiny_encoder.name  # the encoder's name, never its local path
     assert str(tiny_encoder) not in version.description
-    assert mlflow.get_run(two_runs["better"]).data.tags["registered_versions"] == "tagger v1"
+    assert mlflow.get_run(packaged_store.run_id).data.tags["registered_versions"] == "tagger v1"
     assert mlflow.get_run(version.tags["package_run_id"]).info.run_name == "package-tagger-v1"
 
-    loaded = mlflow.pyfunc.load_model("models:/tagger/1")
+    loaded = mlflow.pyfunc.load_model("models:/tagger/1")  # the registry's copy, loaded in this test
     got = loaded.predict(EXAMPLES)
-    direct = Predictor.from_directories(two_runs["better_dir"], tiny_encoder)
-    expected = direct.predict_proba(EXAMPLES)
-    direct.close()
+    with Predictor.from_directories(packaged_store.checkpoint, tiny_encoder) as direct:
+        expected = direct.predict_proba(EXAMPLES)
     assert list(got.columns) == ["prediction", "probabilities"]
     probabilities = np.array([[row[tag] for tag in direct.index_to_class] for row in got["probabilities"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
@@ -135,6 +157,7 @@ def test_packaged_model_matches_the_checkpoint(two_runs, tiny_encoder):
     assert probabilities.sum(axis=1) == pytest.approx(np.ones(len(EXAMPLES)), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_package_trace_option_chooses_how_the_served_torch_model_runs(two_runs, tiny_encoder):
     import torch
     from click.testing import CliRunner
@@ -155,8 +178,8 @@ def test_package_trace_option_chooses_how_the_served_torch_model_runs(two_runs, 
         assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-5
 
 
-def test_a_bad_setting_given_at_load_is_a_typed_error_naming_it(two_runs, tiny_encoder):
-    uri = f"models:/tagger/{package(tiny_encoder).version}"
+def test_a_bad_setting_given_at_load_is_a_typed_error_naming_it(packaged):
+    uri = str(packaged.local)
     for setting, message in (({"inference_threads": -1}, "'inference_threads' must be a whole number >= 1, got -1"),
                              ({"max_wait_ms": "soon"}, "'max_wait_ms' must be a number >= 0, got 'soon'"),
                              ({"threshold": 1.5}, "'threshold' must be a number between 0 and 1, got 1.5")):
@@ -165,9 +188,8 @@ def test_a_bad_setting_given_at_load_is_a_typed_error_naming_it(two_runs, tiny_e
     assert mlflow.pyfunc.load_model(uri, model_config={"inference_threads": 1}).predict(EXAMPLES).shape[0] == len(EXAMPLES)
 
 
-def test_model_holds_no_pickled_weights_and_pins_requirements(two_runs, tiny_encoder):
-    version = package(tiny_encoder)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/tagger/{version.version}"))
+def test_model_holds_no_pickled_weights_and_pins_requirements(packaged):
+    local = packaged.local
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "artifacts/checkpoint/model.safetensors" in files
     assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl"))], files
@@ -176,6 +198,7 @@ def test_model_holds_no_pickled_weights_and_pins_requirements(two_runs, tiny_enc
     assert "params" in (local / "MLmodel").read_text()
 
 
+@pytest.mark.slow
 def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
     package(tiny_encoder, threshold=0.99, batch_size=2)
     model = mlflow.pyfunc.load_model("models:/tagger/1")
@@ -185,6 +208,33 @@ def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
     assert list(relaxed["prediction"]) == top
     params = model.metadata.get_params_schema().to_dict()
     assert {p["name"]: p["default"] for p in params} == {"threshold": 0.99, "batch_size": 2, "bad_rows": "refuse"}
+    limit = model.model_config["max_request_rows"]  # not given: measured at packaging, in hundreds, at least 100
+    assert isinstance(limit, int) and limit >= 100 and limit % 100 == 0
+
+
+def test_request_params_override_the_packaged_defaults(packaged):
+    params = packaged.model.metadata.get_params_schema().to_dict()
+    assert {p["name"]: p["default"] for p in params} == {"threshold": 0.0, "batch_size": 64, "bad_rows": "refuse"}
+    default = packaged.model.predict(EXAMPLES)
+    assert list(default["prediction"]) == [max(p, key=p.get) for p in default["probabilities"]]  # threshold 0
+    strict = packaged.model.predict(EXAMPLES, params={"threshold": 1.0, "batch_size": 1})
+    assert set(strict["prediction"]) == {"other"}  # no probability reaches 1.0: every row falls back
+    for mine, theirs in zip(strict["probabilities"], default["probabilities"]):
+        assert mine == pytest.approx(theirs, abs=1e-5)  # batch_size changes how, not what
+    reported = packaged.model.predict(EXAMPLES, params={"bad_rows": "report"})
+    assert list(reported["prediction"]) == list(default["prediction"]) and reported["error"].isna().all()
+
+
+def test_a_request_over_the_packaged_row_limit_is_refused_naming_it_and_batch_predict(packaged):
+    limit = packaged.max_request_rows
+    assert packaged.model.model_config["max_request_rows"] == limit
+    rows = pd.DataFrame({"title": [f"image model {i}" for i in range(limit + 1)], "description": ["vision"] * (limit + 1)})
+    with pytest.raises(InvalidInputError) as refused:
+        packaged.model.predict(rows)
+    message = refused.value.message
+    assert refused.value.get_http_status_code() == 400
+    assert f"at most {limit} rows" in message and "max_request_rows" in message and "batch-predict" in message
+    assert len(packaged.model.predict(rows.head(limit))) == limit  # the limit itself is fine
 
 
 @pytest.mark.parametrize(
@@ -200,9 +250,9 @@ def test_threshold_and_batch_size_params(two_runs, tiny_encoder):
         (EXAMPLES, {"threshold": "high"}, "threshold"),
     ],
 )
-def test_bad_input_raises_a_typed_error(packaged_model, frame, params, message):
+def test_bad_input_raises_a_typed_error(packaged, frame, params, message):
     with pytest.raises(MlflowException, match=message) as raised:
-        packaged_model.predict(frame, params=params)
+        packaged.model.predict(frame, params=params)
     assert raised.value.get_http_status_code() == 400
 
 
@@ -237,8 +287,10 @@ def test_the_checkpoint_tensors_become_the_weights_in_fp32_whatever_dtype_they_w
         torch.testing.assert_close(from_half(ids, (ids != 0).long()), expected, atol=1e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_promotion_archives_previous_and_sets_champion(two_runs, tiny_encoder):
     first = package(tiny_encoder)
+    assert first.tags["source_run_id"] == two_runs["better"]  # the better of the two runs
     promote("tagger", first.version)
     second = package(tiny_encoder)
     promoted = promote("tagger")  # newest by default
@@ -253,24 +305,24 @@ def test_promotion_archives_previous_and_sets_champion(two_runs, tiny_encoder):
         promote("unknown-model")
 
 
-def test_loads_and_predicts_with_the_hub_offline(two_runs, tiny_encoder, tracking_uri):
-    package(tiny_encoder)
-    promote("tagger")
+@pytest.mark.slow
+def test_loads_and_predicts_with_the_hub_offline(packaged):
     script = (
         "import mlflow, pandas as pd;"
         "m = mlflow.pyfunc.load_model('models:/tagger@champion');"
         "print(m.predict(pd.DataFrame({'title': ['bert'], 'description': ['text']}))['prediction'][0])"
     )
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {"MLFLOW_TRACKING_URI": packaged.tracking_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=packaged.folder)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] in CLASS_TO_INDEX
 
 
-def test_concurrent_predict_from_eight_threads(two_runs, tiny_encoder):
-    package(tiny_encoder)
-    model = mlflow.pyfunc.load_model("models:/tagger/1")
+@pytest.mark.slow  # 48 predictions of 64 rows (the quick loop has the inference threads' own concurrency tests)
+def test_concurrent_predict_from_eight_threads(packaged):
+    model = packaged.model
     # Many rows of varied length per call, so that the threads' tokenizer calls really overlap.
     rows = pd.DataFrame({
         "title": [f"bert text {j} " * (j % 7 + 1) for j in range(64)],

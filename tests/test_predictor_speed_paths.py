@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, varied_rows
+from helpers import CLASS_TO_INDEX, build_tiny_checkpoint, log_training_run, varied_rows
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import f1_score
 
@@ -24,6 +24,7 @@ def predictor(checkpoint, encoder, **config) -> Predictor:
     return Predictor.from_directories(checkpoint, encoder, PredictorConfig(**config))
 
 
+@pytest.mark.slow  # ~50 separate predictions
 def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(50, seed=0)
     fast = predictor(tiny_checkpoint, tiny_encoder, sort_by_length=True)
@@ -44,6 +45,7 @@ def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_enco
         assert max(abs(mine[tag] - theirs[tag]) for tag in mine) <= 1e-6
 
 
+@pytest.mark.slow  # quantizes the model
 def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(100, seed=1)
     int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", forward="eager")
@@ -55,7 +57,7 @@ def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     assert (quantized.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])  # fp32: the default
 def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder, precision):
     import torch
 
@@ -122,6 +124,7 @@ def labelled_csv(tmp_path) -> str:
     return str(tmp_path / "eval.csv")
 
 
+@pytest.mark.slow  # packages a model
 def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, tracking_uri, labelled_csv):
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3)
     log_training_run("exp", checkpoint, 0.5)
@@ -150,6 +153,7 @@ def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, trac
     assert served.model_config["precision"] == "int8"
 
 
+@pytest.mark.slow  # packages a model
 def test_int8_packaging_without_a_labelled_csv_says_not_measured(tmp_path, tiny_encoder, tracking_uri, caplog):
     log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3), 0.5)
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=str(tmp_path / "no.csv"),
@@ -178,6 +182,7 @@ for title in titles:  # one forward per row: one batch shape per length
     return sum(",create:cache_miss," in line for line in created)
 
 
+@pytest.mark.slow  # two new processes
 def test_onednn_keeps_a_bounded_number_of_kernels(tiny_checkpoint, tiny_encoder):
     """oneDNN's default cache kept a kernel per batch shape forever (memory grew with traffic); the predictor caps it."""
     kept = onednn_cache_misses(tiny_checkpoint, tiny_encoder, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})

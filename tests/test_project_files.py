@@ -5,7 +5,7 @@ import re
 import tomllib
 
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from tagger.cli import cli
 

@@ -24,7 +24,9 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from conftest import build_tiny_checkpoint, build_tiny_encoder, free_port, log_training_run, scoring_server
+from helpers import (
+    build_tiny_checkpoint, build_tiny_encoder, copy_empty_store, free_port, log_training_run, mlflow_store, scoring_server,
+)
 
 from mlflow_model.config import PredictorConfig
 from tagger.cli import cli
@@ -41,21 +43,16 @@ RECORDS = [ROW, {"title": "Video object detection", "description": None}]
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> Iterator[SimpleNamespace]:
+def registry(tmp_path_factory, empty_store) -> Iterator[SimpleNamespace]:
     """tagger versions 1 and 2 (two tiny models), 3 (version 1's files with a changed label map: fails its
     integrity check at load); @champion -> 1. MLFLOW_TRACKING_URI is set for the module (Ray inherits it)."""
     tmp = tmp_path_factory.mktemp("ray-serve")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     encoder = build_tiny_encoder(tmp / "encoder")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.MonkeyPatch.context() as patch, mlflow_store(copy_empty_store(empty_store, tmp), cwd=tmp) as uri:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
         for name, value in SPREAD_ENV.items():  # the cluster's proxy spreads requests over both nodes
             patch.setenv(name, value)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("Default")
         runs = [log_training_run("exp", build_tiny_checkpoint(tmp / f"c{seed}", encoder, seed=seed), 0.5)
                 for seed in (1, 2)]
         for run in runs:
@@ -71,7 +68,6 @@ def registry(tmp_path_factory) -> Iterator[SimpleNamespace]:
         assert str(client.create_model_version("tagger", str(broken)).version) == "3"
         client.set_registered_model_alias("tagger", "champion", "1")
         yield SimpleNamespace(uri=uri, folder=tmp, client=client)
-        mlflow.set_tracking_uri(None)
 
 
 def post(url: str, payload: dict, timeout: float = 30) -> requests.Response:

@@ -1,18 +1,12 @@
-"""A real `mlflow models serve` process on 127.0.0.1 serving models:/tagger/Production."""
+"""A real `mlflow models serve` process on 127.0.0.1 serving the session's packaged model as models:/tagger/Production."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import mlflow
 import pytest
 import requests
-from conftest import CLASS_TO_INDEX, build_tiny_checkpoint, build_tiny_encoder, log_training_run, scoring_server
-
-from mlflow_model.config import PredictorConfig
-from tagger.config import PackageConfig
-from tagger.package import package_best_run
-from tagger.registry import promote
+from helpers import CLASS_TO_INDEX, scoring_server
 
 RECORDS = [
     {"title": "Transformer language model", "description": "bert text"},
@@ -22,27 +16,10 @@ RECORDS = [
 pytestmark = pytest.mark.slow  # a real `mlflow models serve` process
 
 
-MAX_ROWS = 40  # the packaged per-request row limit
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    """Train-free setup: two runs, package the best, promote it, serve it; yields the base URL."""
-    tmp = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    encoder = build_tiny_encoder(tmp / "encoder")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("Default")  # forget the experiment id an earlier test made active
-        log_training_run("exp", build_tiny_checkpoint(tmp / "c1", encoder, seed=1), 0.8)
-        log_training_run("exp", build_tiny_checkpoint(tmp / "c2", encoder, seed=2), 0.3)
-        config = PackageConfig(experiment_name="exp", base_model=str(encoder),
-                               predictor=PredictorConfig(max_request_rows=MAX_ROWS))
-        promote("tagger", package_best_run(config).version)
-        mlflow.set_tracking_uri(None)
-    with scoring_server("models:/tagger/Production", uri, tmp) as url:
+def server(packaged, tmp_path_factory) -> Iterator[str]:
+    """The shared packaged model (promoted: stage Production), served; yields the base URL."""
+    with scoring_server("models:/tagger/Production", packaged.tracking_uri, tmp_path_factory.mktemp("serving")) as url:
         yield url
 
 
@@ -102,14 +79,15 @@ def test_bad_input_is_a_400_without_traceback(server, payload, message):
     assert invoke(server, {"dataframe_records": RECORDS[:1]}).status_code == 200
 
 
-def test_a_request_over_the_row_limit_is_a_400_naming_it_and_batch_predict(server):
-    rows = [{"title": f"image model {i}", "description": "vision"} for i in range(MAX_ROWS + 1)]
+def test_a_request_over_the_row_limit_is_a_400_naming_it_and_batch_predict(server, packaged):
+    max_rows = packaged.max_request_rows  # the packaged per-request row limit
+    rows = [{"title": f"image model {i}", "description": "vision"} for i in range(max_rows + 1)]
     response = invoke(server, {"dataframe_records": rows})
     assert response.status_code == 400, response.text
     message = response.json()["message"]
-    assert f"at most {MAX_ROWS} rows" in message and "max_request_rows" in message and "batch-predict" in message
-    full = invoke(server, {"dataframe_records": rows[:MAX_ROWS]})
-    assert full.status_code == 200 and len(full.json()["predictions"]) == MAX_ROWS  # the limit itself is fine
+    assert f"at most {max_rows} rows" in message and "max_request_rows" in message and "batch-predict" in message
+    full = invoke(server, {"dataframe_records": rows[:max_rows]})
+    assert full.status_code == 200 and len(full.json()["predictions"]) == max_rows  # the limit itself is fine
 
 
 def test_concurrent_clients_get_what_a_lone_client_gets(server):

@@ -1,11 +1,13 @@
 """The shared MLflow and Ray session helpers, on a real local Ray."""
 from __future__ import annotations
 
+import pytest
 import ray
 
 from tagger.sessions import absolute_tracking_uri, ray_session
 
 
+@pytest.mark.slow  # a real local Ray
 def test_ray_session_starts_and_stops_only_its_own_local_ray():
     assert not ray.is_initialized()
     with ray_session() as local:

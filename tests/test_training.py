@@ -5,7 +5,6 @@ The trained runs are packaged with package_best_run and the registered model pre
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import mlflow
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertModel
 
-from conftest import CLASS_TO_INDEX, build_tiny_encoder, write_tiny_csv
+from helpers import CLASS_TO_INDEX, TAG_WORDS, build_tiny_encoder, write_tiny_csv
 from tagger.config import PackageConfig, TrainConfig
 from tagger.errors import DatasetError
 from tagger.data import check_columns, class_to_index, load_data, stratified_split
@@ -159,7 +158,8 @@ def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
     assert get_best_run_id("tiny") == result.run_id
     version = package_best_run(PackageConfig(experiment_name="tiny"))  # encoder: the run's base_model
     assert version.tags["source_run_id"] == result.run_id
-    assert mlflow.get_run(version.tags["package_run_id"]).data.params["encoder"] == str(pretrained_encoder)
+    # the encoder is the run's base_model, logged by its name, never its local path
+    assert mlflow.get_run(version.tags["package_run_id"]).data.params["encoder"] == pretrained_encoder.name
     model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
     assert model.model_config["max_length"] == int(params["max_length"])  # served as trained
     frame = pd.DataFrame({"title": ["bert text language", "image video"], "description": ["transformer", None]})
