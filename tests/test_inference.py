@@ -329,3 +329,15 @@ def test_a_slow_warmup_fails_the_load_after_timeout():
     finally:
         release.set()
     wait_until(lambda: "slow-warmup" not in {t.name for t in threading.enumerate()})  # the thread ends once released
+
+
+def test_the_scoring_servers_workers_share_the_cores(monkeypatch):
+    from mlflow_model.config import usable_cores
+
+    monkeypatch.delenv("MLFLOW_MODELS_WORKERS", raising=False)
+    assert PredictorConfig().thread_count == usable_cores()  # one inference thread per core
+    monkeypatch.setenv("MLFLOW_MODELS_WORKERS", str(usable_cores() * 2))
+    assert PredictorConfig().thread_count == 1  # at least one, never more workers x threads than cores
+    monkeypatch.setenv("MLFLOW_MODELS_WORKERS", "2")
+    assert PredictorConfig().thread_count == max(1, usable_cores() // 2)
+    assert PredictorConfig(inference_threads=3).thread_count == 3  # what the model_config says wins
