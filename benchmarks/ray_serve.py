@@ -1,7 +1,7 @@
 """`tagger serve` (Ray Serve, 1 replica) next to `mlflow models serve` (1 and 2 workers) and the do-nothing pyfunc.
 
-    .venv/bin/python benchmarks/ray_serve.py --tracking-uri sqlite:////tmp/tagger-bench/mlflow.db \
-        --model-uri models:/tagger@champion --csv /work/shared/datasets/holdout.csv \
+    python benchmarks/ray_serve.py --tracking-uri sqlite:///$PWD/mlflow.db \
+        --model-uri models:/tagger@champion --csv your-holdout.csv \
         --seconds 15 --out outputs/ray_serve.json
 
 One server at a time, each serving the model from the same local folder (downloaded once; the
@@ -10,7 +10,7 @@ do-nothing pyfunc of benchmarks/noop_model.py served by `mlflow models serve`): 
 the CLI driver, Ray's GCS, raylet, dashboard processes, the Serve controller, proxy and replica),
 then 1 client and --clients concurrent clients sending single-row `dataframe_records` for
 --seconds: rows/s, p50/p99 ms, errors and mismatches (the load loop and its checks are
-benchmarks/serving.py's). Prints a markdown table with the issue's targets and writes JSON.
+benchmarks/serving.py's). Prints a markdown table with the goals it checks and writes JSON.
 With --serve-batch-size N, tagger serve runs once more with Ray Serve's @serve.batch (N requests,
 2 ms) gathering requests in front of the model's own batching.
 `tagger serve` runs with a local Ray and --replica-cpus = the machine's cores (its model's
@@ -69,9 +69,10 @@ def launched(command: list[str], env: dict[str, str], log_file: Path) -> Iterato
 
 
 def mlflow_command(folder: str, port: int, workers: int) -> list[str]:
+    """`mlflow models serve` with the worker count as MLFLOW_MODELS_WORKERS: the model's workers then share the cores."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow_cli), "models", "serve", "-m", folder, "--env-manager", "local", "-h", "127.0.0.1",
-            "-p", str(port), "--workers", str(workers)]
+    return ["env", f"MLFLOW_MODELS_WORKERS={workers}", str(mlflow_cli), "models", "serve", "-m", folder,
+            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
 
 
 def tagger_command(folder: str, port: int, replica_cpus: int, serve_batch_size: int = 0) -> list[str]:
@@ -103,7 +104,7 @@ def bench(label: str, command: list[str], port: int, options: dict, bodies: list
 
 
 def report(results: dict[str, dict], clients: str) -> str:
-    """The markdown table and the issue's targets for tagger serve."""
+    """The markdown table and the goals for tagger serve (against one `mlflow models serve` worker)."""
     noop = results["do-nothing (mlflow models serve)"]
     lines = ["| server | ready s | total RSS MB (processes) | RSS after load MB | 1-client p50 ms | 1-client p99 ms "
              f"| rows/s @{clients} | p50 @{clients} ms | p99 @{clients} ms | errors | server cores @{clients} |",
@@ -119,8 +120,8 @@ def report(results: dict[str, dict], clients: str) -> str:
     if tagger and mlflow1:
         ratio = tagger["load"][clients]["rows_per_s"] / mlflow1["load"][clients]["rows_per_s"]
         p50 = tagger["load"]["1"]["p50_ms"] - mlflow1["load"]["1"]["p50_ms"]
-        lines += ["", f"tagger serve / mlflow models serve (1 worker): rows/s @{clients} {ratio:.2f}x (target >= 0.75: "
-                      f"{'PASS' if ratio >= 0.75 else 'FAIL'}); 1-client p50 {p50:+.1f} ms (target <= +10: "
+        lines += ["", f"tagger serve / mlflow models serve (1 worker): rows/s @{clients} {ratio:.2f}x (goal >= 0.75: "
+                      f"{'PASS' if ratio >= 0.75 else 'FAIL'}); 1-client p50 {p50:+.1f} ms (goal <= +10: "
                       f"{'PASS' if p50 <= 10 else 'FAIL'}); x do-nothing rows/s "
                       f"{tagger['load'][clients]['rows_per_s'] / noop['load'][clients]['rows_per_s']:.2f}"]
     return "\n".join(lines)
