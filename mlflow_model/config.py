@@ -87,7 +87,7 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         """Refuse a value the predictor cannot run with, naming the setting (a model_config at load included)."""
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        for name in (*_LOWEST, *REQUEST_PARAMS):
+        for name in dict.fromkeys((*_LOWEST, *REQUEST_PARAMS)):  # each setting once
             value = getattr(self, name)
             if not (value is None and defaults[name] is None) and (problem := value_problem(name, value)):
                 raise ConfigError(f"predictor setting {name!r} {problem}")
