@@ -22,6 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor
 TRACE_FILE = "model.torchscript"  # in the checkpoint artifact of a torch fp32 build: its trace, without weights
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
+VERIFY_KEY_VARIABLE = "TAGGER_VERIFY_KEY"  # a public key file: every loader in this process checks the model's signature
 MODELS_WORKERS_VARIABLE = "MLFLOW_MODELS_WORKERS"  # MLflow's own: `mlflow models serve --workers`, as a variable
 BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
@@ -57,6 +58,11 @@ def serving_workers() -> int:
     MLFLOW_MODELS_WORKERS (the variable behind `--workers`; the flag alone does not reach the workers), else 1."""
     value = os.environ.get(MODELS_WORKERS_VARIABLE, "")
     return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def verify_key_path() -> str | None:
+    """The public key file that the model's signature must verify against (TAGGER_VERIFY_KEY), or None: no check."""
+    return os.environ.get(VERIFY_KEY_VARIABLE, "").strip() or None
 
 
 def usable_cores() -> int:

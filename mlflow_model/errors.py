@@ -35,6 +35,10 @@ class IntegrityError(CheckpointError):
     """A model's files differ from the manifest recorded when it was packaged."""
 
 
+class SignatureError(IntegrityError):
+    """A model does not verify against the team's public key: unsigned, signed by another key, or changed since signing."""
+
+
 class BuildError(TaggerError):
     """A build (engine x precision) could not be made, or failed its check against the torch fp32 model."""
 
