@@ -18,6 +18,7 @@ from mlflow_model.errors import CheckpointError
 from mlflow_model.integrity import verify_artifacts, write_manifest
 from mlflow_model.predictor import Predictor
 from tagger.sessions import RUNTIME_PACKAGE
+from tagger.signing import verification_off
 
 PYFUNC_FILE = RUNTIME_PACKAGE / "pyfunc.py"
 INPUT_EXAMPLE = pd.DataFrame(
@@ -97,26 +98,31 @@ def log_pyfunc(
         name="model", source_run_id=run_id, params={name: str(value) for name, value in settings.items()},
         experiment_id=mlflow.get_run(run_id).info.experiment_id,
     )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_FILE),
-        artifacts=write_manifest(artifacts, manifest_dir),
-        code_paths=[str(RUNTIME_PACKAGE)],
-        model_config=settings,
-        signature=signature,
-        input_example=INPUT_EXAMPLE,
-        pip_requirements=pinned_requirements(config.engine),
-        metadata={"engine": config.engine, "precision": config.precision, "forward": config.forward,
-                  "labels": index_to_class(artifacts[CHECKPOINT_ARTIFACT]), **(metadata or {})},
-        model_id=model.model_id,
-    )
+    with verification_off():  # MLflow loads the model to check its input example: it is not signed yet
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts=write_manifest(artifacts, manifest_dir),
+            code_paths=[str(RUNTIME_PACKAGE)],
+            model_config=settings,
+            signature=signature,
+            input_example=INPUT_EXAMPLE,
+            pip_requirements=pinned_requirements(config.engine),
+            metadata={"engine": config.engine, "precision": config.precision, "forward": config.forward,
+                      "labels": index_to_class(artifacts[CHECKPOINT_ARTIFACT]), **(metadata or {})},
+            model_id=model.model_id,
+        )
     MlflowClient().log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
     return info
 
 
 def verify_package(model_uri: str) -> int:
     """Download a packaged model and check its files against its integrity manifest; the files checked."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    return verify_folder(Path(mlflow.artifacts.download_artifacts(model_uri)))
+
+
+def verify_folder(local: Path) -> int:
+    """Check a local model folder's artifact files against its integrity manifest; the files checked."""
     flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
     artifacts = {name: str(local / entry["path"]) for name, entry in flavor.get("artifacts", {}).items()}
     return verify_artifacts(artifacts, flavor.get("config"))

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from mlflow.exceptions import MlflowException
 
-from mlflow_model.config import PredictorConfig
+from mlflow_model.config import VERIFY_KEY_VARIABLE, PredictorConfig
 from mlflow_model.engines import build_name, build_names, split_build
 from tagger.config import (
     SCHEDULERS,
@@ -25,6 +25,8 @@ from tagger.config import (
     TrainConfig,
     champion_uri,
 )
+
+SIGNING_KEY_VARIABLE = "TAGGER_SIGNING_KEY"  # `tagger package --signing-key`, as a variable (a CI secret file's path)
 
 
 # Quiet by default (`tagger --verbose` shows them): set before a local Ray starts, its processes inherit them.
@@ -50,7 +52,7 @@ def configure_output(verbose: bool) -> None:
 class TaggerCommand(click.Command):
     """A command that first checks that the MLflow tracking server answers (MLflow itself retries for minutes)."""
 
-    own_store = ("quickstart",)  # commands that set up their own local store
+    own_store = ("quickstart", "keygen")  # commands that set up their own local store, or need none
 
     def invoke(self, ctx: click.Context) -> Any:
         """Check the tracking server (a one-line ServiceError naming it), then run the command."""
@@ -109,12 +111,15 @@ def field_default(config: type, name: str) -> Any:
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
-def setting(flag: str, config: type, kind: Any = str, help: str = "", name: str | None = None) -> Any:
-    """An option for a config field: unset or "" means the field's default, which --help shows."""
+def setting(flag: str, config: type, kind: Any = str, help: str = "", name: str | None = None,
+            envvar: str | None = None) -> Any:
+    """An option for a config field (or, if set, the environment variable): unset or "" means the field's
+    default, which --help shows."""
     name = name or flag.lstrip("-").replace("-", "_")
     default = field_default(config, name)
     shown = "" if default is None else f" [default: {default}]"
-    return click.option(flag, name, type=Blankable(kind), default=None, help=f"{help}{shown}".strip())
+    return click.option(flag, name, type=Blankable(kind), default=None, help=f"{help}{shown}".strip(),
+                        envvar=envvar, show_envvar=envvar is not None)
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:
@@ -153,9 +158,13 @@ def cli(verbose: bool) -> None:
          help="Labelled CSV for a build's F1 change (default: the shipped tagger/datasets/projects.csv).")
 @setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
          "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
+@setting("--signing-key", PackageConfig, envvar=SIGNING_KEY_VARIABLE,
+         help="Private key file (PEM, elliptic curve; `tagger keygen`) that signs every file of the model into its "
+              "model.sig (default: not signed).")
 def package(experiment_name: str, **values: Any) -> None:
     """Package the best run of an experiment and register it as a new model version."""
-    from tagger.package import package_best_run
+    from mlflow_model.signature import FINGERPRINT_METADATA
+    from tagger.package import SIGNED_TAG, package_best_run
 
     values = given(values)
     engine, precision = split_build(values.pop("build", build_name("torch", "fp32")))
@@ -166,6 +175,8 @@ def package(experiment_name: str, **values: Any) -> None:
     version = package_best_run(PackageConfig(experiment_name=experiment_name, predictor=predictor, **values))
     click.echo(f"Registered {version.name} version {version.version} ({build_name(predictor.engine, predictor.precision)}, "
                f"forward path {version.tags.get('forward')}) from run {version.tags['source_run_id']}")
+    if version.tags.get(SIGNED_TAG) == "true":
+        click.echo(f"signed with the key whose fingerprint is {version.tags[FINGERPRINT_METADATA]}")
     if "accuracy.f1_delta" in version.tags:
         click.echo(f"weighted F1 change against torch fp32: {version.tags['accuracy.f1_delta']} "
                    f"(torch fp32 {version.tags.get('accuracy.reference_f1', '-')}, "
@@ -219,14 +230,67 @@ def evaluate(model_uri: str | None, dataset_loc: str) -> None:
     click.echo(json.dumps(evaluate_model(model_uri or champion_uri(), dataset_loc), indent=2))
 
 
+def verify_key_option(flag: str) -> Any:
+    """--public-key / --verify-key: the public key a model's signature must verify against (or TAGGER_VERIFY_KEY)."""
+    return click.option(flag, "verify_key", type=Blankable(click.Path(dir_okay=False)), default=None,
+                        envvar=VERIFY_KEY_VARIABLE, show_envvar=True,
+                        help="Public key file (PEM): refuse a model whose signature does not verify against it.")
+
+
 @cli.command()
 @click.option("--model-uri", type=Blankable(str), default=None, help=f"Model to check. [default: {champion_uri()}]")
-def verify(model_uri: str | None) -> None:
-    """Check a packaged model's files against the SHA-256 manifest recorded when it was packaged."""
-    from tagger.bundle import verify_package
+@verify_key_option("--public-key")
+def verify(model_uri: str | None, verify_key: str | None) -> None:
+    """Check a model's signature against a public key (if given), then its files against the SHA-256 manifest."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow_model.signature import fingerprint, read_public_key
+    from tagger.bundle import verify_folder, verify_package
+    from tagger.signing import fetch_verified
 
     uri = model_uri or champion_uri()
-    click.echo(f"{uri}: {verify_package(uri)} artifact files match the manifest recorded at packaging")
+    if not verify_key:
+        click.echo(f"{uri}: {verify_package(uri)} artifact files match the manifest recorded at packaging")
+        return
+    key = read_public_key(verify_key)
+    with tempfile.TemporaryDirectory() as tmp:  # a copy, as every loader checks it (a local folder too)
+        checked = verify_folder(fetch_verified(uri, key, Path(tmp) / "model"))
+    click.echo(f"{uri}: every file matches the signature of key {fingerprint(key)}; "
+               f"{checked} artifact files match the manifest recorded at packaging")
+
+
+@cli.command()
+@verify_key_option("--verify-key")
+@click.argument("model_uri")
+@click.argument("dest", type=click.Path(file_okay=False))
+def fetch(verify_key: str | None, model_uri: str, dest: str) -> None:
+    """Download MODEL_URI into DEST and verify its signature: DEST then holds the verified copy, to serve with
+    `mlflow models serve -m DEST` (DEST is made only if the model verifies)."""
+    from mlflow_model.signature import fingerprint, read_public_key
+    from tagger.signing import fetch_verified
+
+    if not verify_key:
+        raise click.UsageError(f"give the public key: --verify-key FILE (or {VERIFY_KEY_VARIABLE})")
+    key = read_public_key(verify_key)
+    folder = fetch_verified(model_uri, key, dest)
+    click.echo(f"{model_uri}: verified with key {fingerprint(key)} into {folder}; serve that copy: "
+               f"mlflow models serve -m {folder} --env-manager local")
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder that receives the private key (tagger-signing.pem, mode 0600) and the public key (.pub).")
+def keygen(out: str) -> None:
+    """Make a key pair to sign models with (P-256): the private key for CI, the public key for every server."""
+    from mlflow_model.signature import fingerprint
+    from tagger.signing import generate_key_pair
+
+    private, public = generate_key_pair(out)
+    click.echo(f"Private key: {private} (only its owner may read it; keep it in CI's secret store and give it to "
+               f"`tagger package` as {SIGNING_KEY_VARIABLE})")
+    click.echo(f"Public key:  {public} (copy it to every server: {VERIFY_KEY_VARIABLE} or --verify-key)")
+    click.echo(f"Fingerprint: {fingerprint(public.read_bytes())}")
 
 
 @cli.command("batch-predict")
@@ -245,6 +309,7 @@ def verify(model_uri: str | None) -> None:
          help="Input column that names a row in the error report; without it, a row is named by its text.")
 @setting("--address", BatchPredictConfig, help="Ray cluster to join: host:port as `ray start` prints it, or auto "
          "(default: RAY_ADDRESS, else a local Ray).")
+@verify_key_option("--verify-key")
 def batch_predict(**values: Any) -> None:
     """Tag every row of CSV/Parquet/JSON-lines files on Ray Data and write Parquet (bad rows get an error)."""
     from tagger.batch_predict import batch_predict as run_batch
@@ -369,6 +434,7 @@ def sweep(lrs: list, dropouts: list, batch_sizes: list, epochs: list, **values: 
          help="A local Ray's Prometheus metrics port (a cluster's: `ray start --metrics-export-port`).")
 @click.option("--write-config", type=Blankable(click.Path(dir_okay=False)), default=None,
               help="Write a Ray Serve config file for `serve deploy FILE` instead of serving.")
+@verify_key_option("--verify-key")
 def serve(write_config: str | None, **values: Any) -> None:
     """Serve a registered model on Ray Serve (the HTTP API of `mlflow models serve`) until Ctrl-C."""
     from tagger.serve import run_in_foreground, write_config as write_serve_config

@@ -51,6 +51,7 @@ class PackageConfig:
     trace: bool = True  # torch builds: trace the model if its trace gives its logits (the build records the path)
     eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
     run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
+    signing_key: str | None = None  # private key file (PEM, elliptic curve) that signs the model; None: unsigned
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class BatchPredictConfig:
     actor_max_restarts: int = 3  # an actor whose process dies is restarted this often...
     actor_max_task_retries: int = 3  # ...and its unfinished batches retried; then the job fails, no output kept
     max_reported_errors: int = 20  # bad rows listed in the summary (all are counted)
+    verify_key: str | None = None  # public key file: every actor loads only a copy whose signature it verified
 
 
 @dataclass(frozen=True)
@@ -149,3 +151,4 @@ class ServeConfig:
     ray_address: str | None = None  # Ray cluster (host:port as `ray start` prints it, or "auto"); None: RAY_ADDRESS, else local
     serve_batch_size: int = 0  # >0: Ray Serve's @serve.batch gathers this many requests first (0: only the model batches)
     metrics_export_port: int | None = None  # a local Ray's Prometheus port (ray.init's); a cluster's: `ray start --metrics-export-port`
+    verify_key: str | None = None  # public key file: replicas load only a copy whose signature they verified

@@ -10,6 +10,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_model.engines import build_name
+from mlflow_model.signature import FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, fingerprint
 from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
@@ -17,6 +18,9 @@ from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
 from tagger.registry import register_version, version_description
 from tagger.runs import ranking_value, select_checkpoint
+from tagger.signing import public_key_of, sign_logged_model
+
+SIGNED_TAG = "signed"  # version tag: "true" when `model.sig` signs every file of the version, else "false"
 
 
 def trained_param(run: Run, name: str) -> str | None:
@@ -24,8 +28,22 @@ def trained_param(run: Run, name: str) -> str | None:
     return run.data.params.get(f"resolved.{name}") or run.data.params.get(name) or None
 
 
+def signing_metadata(key: str | None) -> dict[str, str]:
+    """MLmodel metadata of a model that will be signed: its signature file and the key's fingerprint (else none)."""
+    return {SIGNATURE_METADATA: SIGNATURE_FILE, FINGERPRINT_METADATA: key} if key else {}
+
+
+def signing_line(key: str | None) -> str:
+    """The version description's line on its signature."""
+    if not key:
+        return "**Signed**: no (servers with a verification key refuse this version)"
+    return (f"**Signed**: every file, in `{SIGNATURE_FILE}` (OpenSSF model-signing, elliptic key), by the key with "
+            f"SHA-256 fingerprint `{key}`; check with `tagger verify --public-key KEY.pub --model-uri URI`")
+
+
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
+    key = fingerprint(public_key_of(config.signing_key)) if config.signing_key else None  # a bad key fails first
     with tempfile.TemporaryDirectory() as tmp:
         # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
@@ -49,7 +67,9 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
                                "encoder": encoder_name(base_model)}
                               | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
         info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
-                          metadata={"source_run_id": run_id, **accuracy})
+                          metadata={"source_run_id": run_id, **accuracy, **signing_metadata(key)})
+        if config.signing_key:
+            sign_logged_model(info.model_id, config.signing_key, tmp)
         mlflow.log_metrics(f1_metrics(accuracy), run_id=run.info.run_id, model_id=info.model_id)  # run and model page
     tags = {
         "source_run_id": run_id,
@@ -64,6 +84,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "num_epochs": trained_param(source, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
         **accuracy,
+        SIGNED_TAG: "true" if key else "false",
+        FINGERPRINT_METADATA: key or "",
     }
     if "accuracy.dataset" in tags:  # a name, not a local path
         tags["accuracy.dataset"] = dataset_name(eval_dataset)
@@ -73,5 +95,6 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"packaged from its checkpoint at `{checkpoint_path or '/'}`",
         f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
         f"encoder {encoder_name(base_model)}",
+        signing_line(key),
     ])
     return register_version(info.model_uri, config.model_name, tags, description, info.model_id)
