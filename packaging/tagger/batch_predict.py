@@ -8,6 +8,9 @@ tag) and `error` (null when the row was predicted). The output folder must be ne
 that it holds exactly one run's rows. Without an id column, an error names its row by its
 (truncated) title and description.
 
+With a verification key (`--verify-key`, TAGGER_VERIFY_KEY) the job first checks the model's
+signature, then each actor loads only a downloaded copy whose signature it verified itself.
+
 Exactly once: an actor whose process dies is restarted and its unfinished batches retried (Ray
 Data's actor fault tolerance, bounded by `actor_max_restarts` / `actor_max_task_retries`). The job
 writes into a staging folder beside the output (`<output>-incomplete-<id>`), checks that it holds
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -33,9 +37,11 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_model.errors import CheckpointError
 from mlflow_model.preprocess import INPUT_COLUMNS, is_missing
+from mlflow_model.signature import read_public_key
 from tagger.config import BatchPredictConfig
 from tagger.errors import OptionError, ServiceError, one_line
 from tagger.sessions import absolute_tracking_uri, ray_session
+from tagger.signing import fetch_verified, load_verified
 
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
@@ -135,12 +141,16 @@ def check_columns(dataset: Any, path: str) -> None:
 class TaggerActor:
     """A Ray Data actor: loads the model once, then tags each batch through the model's own predict."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str):
+    def __init__(self, model_uri: str, tracking_uri: str, registry_uri: str, num_threads: int, id_column: str,
+                 verify_key_pem: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
         # The actor's own CPUs and nothing more; no online request-size limit for a batch job.
         settings = {"num_threads": num_threads, "inference_threads": 1, "max_request_rows": None}
-        self.model = mlflow.pyfunc.load_model(model_uri, model_config=settings)
+        if verify_key_pem:  # only a copy whose signature verified, checked here before any model code runs
+            self.model = load_verified(model_uri, verify_key_pem.encode(), model_config=settings)
+        else:
+            self.model = mlflow.pyfunc.load_model(model_uri, model_config=settings)
         labels = (self.model.metadata.metadata or {}).get("labels")
         if not labels:
             raise CheckpointError(f"{model_uri} records no labels in its metadata; repackage it with `tagger package`")
@@ -221,6 +231,8 @@ def summarize(output: str, config: BatchPredictConfig) -> BatchSummary:
 def batch_predict(config: BatchPredictConfig) -> BatchSummary:
     """Tag every row of the input files with the model and write Parquet; return the summary."""
     check_output(config.output)
+    if config.verify_key:  # refuse an unverifiable model in one line before any work; each actor checks its copy
+        shutil.rmtree(fetch_verified(config.model_uri, read_public_key(config.verify_key)))
     with ray_session(config.address):
         return run_job(config)
 
@@ -274,6 +286,7 @@ def write_predictions(config: BatchPredictConfig, folder: str) -> None:
                 "registry_uri": absolute_tracking_uri(mlflow.get_registry_uri()),
                 "num_threads": threads,
                 "id_column": config.id_column,
+                "verify_key_pem": read_public_key(config.verify_key).decode() if config.verify_key else None,
             },
             concurrency=actors,
             batch_size=config.batch_size,

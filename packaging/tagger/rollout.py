@@ -3,7 +3,8 @@
 A replica serving an alias (`models:/tagger@champion`) or a stage polls the registry every
 `poll_s` seconds; when the alias moves it loads the new version beside the old one and then
 switches, so no request fails. A version that fails to load leaves the old one serving; the
-failure is logged, counted (`tagger_model_load_failures`) and shown by `GET /health`. A pinned
+failure is logged, counted (`tagger_model_load_failures`) and shown by `GET /health`; with a
+verification key, so is a version whose signature does not verify (it never loads). A pinned
 URI (`models:/tagger/3`, `runs:/...`) never reloads. The model is used through the public pyfunc
 interface only; tagger's metrics are labelled with the version that answered.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 
 from tagger.errors import ServiceError, one_line
+from tagger.signing import load_verified
 
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
 VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
@@ -142,11 +144,14 @@ class Metrics:
         self.seconds.observe(seconds, tags=tags)
 
 
-def load(resolved: Resolved, threads: int, metrics: Metrics | None) -> Served:
-    """Load a version through the public pyfunc interface, its inference threads fitted to the replica."""
-    model = mlflow.pyfunc.load_model(
-        resolved.load_uri, model_config={"inference_threads": threads, "num_threads": 1}
-    )
+def load(resolved: Resolved, threads: int, metrics: Metrics | None, public_key: bytes | None = None) -> Served:
+    """Load a version through the public pyfunc interface, its inference threads fitted to the replica; with a
+    public key, only a downloaded copy whose signature verified."""
+    settings = {"inference_threads": threads, "num_threads": 1}
+    if public_key:
+        model = load_verified(resolved.load_uri, public_key, model_config=settings)
+    else:
+        model = mlflow.pyfunc.load_model(resolved.load_uri, model_config=settings)
     if metrics is not None and (observe := model_method(model, "observe_batches")):
         observe(lambda rows: metrics.batch_rows.observe(rows, tags={"model_version": resolved.label}))
     return Served(model, resolved.label, resolved.load_uri, metrics)
@@ -156,13 +161,14 @@ class ModelHolder:
     """The version a replica serves now, and the poller that swaps in a new one when an alias moves."""
 
     def __init__(self, model_uri: str, threads: int, poll_s: float, metrics: Metrics | None,
-                 close_after_s: float = 120.0) -> None:
+                 close_after_s: float = 120.0, public_key: bytes | None = None) -> None:
         self.model_uri = model_uri
+        self.public_key = public_key  # set: every version is verified against it before it loads
         self.threads = threads
         self.poll_s = poll_s
         self.metrics = metrics
         self.close_after_s = close_after_s  # the old version is closed after its last requests had time to end
-        self.current = load(resolve(model_uri), threads, metrics)  # a replica that cannot load fails to start
+        self.current = load(resolve(model_uri), threads, metrics, public_key)  # a replica that cannot load fails to start
         self.last_error: dict[str, Any] | None = None
         self.failed_label: str | None = None
         self.swaps = 0
@@ -202,7 +208,7 @@ class ModelHolder:
         _log.warning("tagger serve: %s now names %s; loading it beside %s", self.model_uri, target.label,
                      self.current.label)
         try:
-            new = load(target, self.threads, self.metrics)
+            new = load(target, self.threads, self.metrics, self.public_key)
         except Exception as error:
             self._failed(target.label, f"{target.label} failed to load, {self.current.label} keeps serving: "
                                        f"{type(error).__name__}: {one_line(error)}")

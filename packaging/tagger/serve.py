@@ -9,6 +9,10 @@ inference threads batch the rows of concurrent requests (one batching layer, not
 
 Which version a replica serves, and how it switches when an alias moves: `tagger.rollout`.
 
+With a verification key (`--verify-key`, TAGGER_VERIFY_KEY) `tagger serve` verifies the version
+before Ray starts, and each replica loads only a downloaded copy whose signature it verified
+(`tagger.signing.load_verified`); the replicas get the public key's PEM text, not a path.
+
 Every response carries `X-Tagger-Model-Version: <name>/<version>` (the URI itself for a model
 that is not registered).
 """
@@ -18,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +32,7 @@ import mlflow
 
 from tagger.config import ServeConfig
 from tagger.errors import ServiceError
-from tagger.rollout import Metrics, ModelHolder, Served, inference_threads
+from tagger.rollout import Metrics, ModelHolder, Served, inference_threads, resolve
 
 APP_NAME = "tagger"
 DEPLOYMENT_NAME = "TaggerServer"
@@ -110,7 +115,8 @@ class TaggerServer:
     def __init__(self, model_uri: str, poll_s: float = 10.0, replica_cpus: float = 1.0,
                  max_ongoing_requests: int = 64, request_timeout_s: float | None = None,
                  tracking_uri: str | None = None, registry_uri: str | None = None,
-                 serve_batch_size: int = 0, serve_batch_wait_s: float = 0.002) -> None:
+                 serve_batch_size: int = 0, serve_batch_wait_s: float = 0.002,
+                 verify_key_pem: str | None = None) -> None:
         from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
         if tracking_uri:
@@ -120,7 +126,8 @@ class TaggerServer:
         os.environ[_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name] = "true"  # as the scoring server sets it
         self.timeout_s = request_timeout_s or MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
         self.executor = ThreadPoolExecutor(max_workers=max_ongoing_requests, thread_name_prefix="tagger-predict")
-        self.holder = ModelHolder(model_uri, inference_threads(replica_cpus), poll_s, Metrics())
+        public_key = verify_key_pem.encode() if verify_key_pem else None  # a public key: no secret travels here
+        self.holder = ModelHolder(model_uri, inference_threads(replica_cpus), poll_s, Metrics(), public_key=public_key)
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -229,6 +236,7 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 def replica_args(config: ServeConfig) -> dict[str, Any]:
     """The constructor arguments of every replica."""
+    from mlflow_model.signature import read_public_key
     from tagger.sessions import absolute_tracking_uri
 
     registry = mlflow.get_registry_uri()
@@ -238,6 +246,7 @@ def replica_args(config: ServeConfig) -> dict[str, Any]:
         "max_ongoing_requests": config.max_ongoing_requests, "request_timeout_s": config.request_timeout_s,
         "tracking_uri": tracking, "registry_uri": absolute_tracking_uri(registry) if registry != tracking else None,
         "serve_batch_size": config.serve_batch_size,
+        "verify_key_pem": read_public_key(config.verify_key).decode() if config.verify_key else None,
     }
 
 
@@ -250,7 +259,8 @@ def application(config: ServeConfig) -> Any:
 
 
 CONFIG_FIELDS = ("model_uri", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "replica_cpus",
-                 "max_ongoing_requests", "poll_s", "request_timeout_s", "serve_batch_size")
+                 "max_ongoing_requests", "poll_s", "request_timeout_s", "serve_batch_size",
+                 "verify_key")  # verify_key: a public key file on the node that builds the application
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -312,6 +322,14 @@ def stop_application(local: bool) -> None:
             serve.shutdown()
 
 
+def check_signature(config: ServeConfig) -> None:
+    """Download the version the URI names now and verify its signature (SignatureError if it does not)."""
+    from mlflow_model.signature import read_public_key
+    from tagger.signing import fetch_verified
+
+    shutil.rmtree(fetch_verified(resolve(config.model_uri).load_uri, read_public_key(config.verify_key)))
+
+
 def run_in_foreground(config: ServeConfig, ready: Any = print) -> None:
     """`tagger serve`: deploy, say the URL, wait for SIGINT/SIGTERM, then take the application down.
 
@@ -319,6 +337,8 @@ def run_in_foreground(config: ServeConfig, ready: Any = print) -> None:
     """
     from tagger.sessions import absolute_tracking_uri, ray_session
 
+    if config.verify_key:  # refuse an unverifiable model here, in one line, before Ray starts
+        check_signature(config)
     os.environ["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(mlflow.get_tracking_uri())  # local replicas inherit it
     for name, value in SPREAD_ENV.items():
         os.environ.setdefault(name, value)
