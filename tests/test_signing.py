@@ -201,7 +201,7 @@ def test_fetch_then_mlflow_models_serve_serves_the_verified_copy(signed, keys, t
     assert outcome.exit_code == 0 and f"mlflow models serve -m {dest}" in outcome.output, outcome.output
     monkeypatch.setenv(VERIFY_KEY_VARIABLE, str(keys["team"][1]))  # the server's load_context checks it too
     with scoring_server(str(dest), uri, tmp_path) as url:
-        answer = requests.post(f"{url}/invocations", json={"dataframe_records": ROWS.to_dict(orient="records")},
+        answer = requests.post(f"{url}/invocations", json={"dataframe_records": ROWS.fillna("").to_dict(orient="records")},
                                timeout=60)
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2, answer.text
 
