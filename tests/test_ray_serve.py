@@ -95,7 +95,7 @@ def fake_holder(monkeypatch, uri: str, registry: dict, broken: set) -> object:
         version = registry["alias"]
         return ts.Resolved(f"models:/tagger/{version}", f"tagger/{version}")
 
-    def load(resolved, threads, metrics):
+    def load(resolved, threads, metrics, public_key=None):
         if resolved.label in broken:
             raise RuntimeError(f"{resolved.label}: changed: checkpoint/class_to_index.json")
         registry["loads"].append(resolved.label)
