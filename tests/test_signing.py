@@ -3,7 +3,8 @@ verification key (`tagger verify`, `tagger fetch`, `tagger serve`, `tagger batch
 refuses the seven tamperings of the issue's targets, each with one line naming the problem.
 
 One real signed package per module (a fresh store, `tagger package` with TAGGER_SIGNING_KEY); each
-case tampers with its own copy of the verified download.
+case tampers with its own copy of the verified download. Tests of that package are slow (they package
+a model beyond the shared fixture); the quick loop signs a copy of the shared package instead.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from mlflow_model.signature import SIGNATURE_FILE, fingerprint, verify_model
 from tagger.cli import cli
 from tagger.signing import fetch_verified, generate_key_pair, load_verified, own_files_uri, sign_folder
 
+slow = pytest.mark.slow  # the tests of the module's own signed package
 ROWS = pd.DataFrame({"title": ["bert text", "image video"], "description": ["language", None]})
 WEIGHTS = Path("artifacts/checkpoint/model.safetensors")
 MANIFEST = Path("artifacts/manifest.json")
@@ -116,6 +118,7 @@ def tampered(request, signed, keys, packaged, tmp_path) -> tuple[Path, str]:
     return root, message
 
 
+@slow
 def test_tagger_verify_refuses_each_tampering_in_one_line(tampered, keys):
     root, message = tampered
     outcome = CliRunner().invoke(cli, ["verify", "--public-key", str(keys["team"][1]), "--model-uri", str(root)])
@@ -125,6 +128,7 @@ def test_tagger_verify_refuses_each_tampering_in_one_line(tampered, keys):
         assert CliRunner().invoke(cli, ["verify", "--model-uri", str(root)]).exit_code == 0
 
 
+@slow
 def test_tagger_fetch_refuses_each_tampering_and_leaves_no_folder(tampered, keys, tmp_path):
     root, message = tampered
     dest = tmp_path / "fetched"
@@ -133,6 +137,7 @@ def test_tagger_fetch_refuses_each_tampering_and_leaves_no_folder(tampered, keys
     assert not dest.exists() and not list(tmp_path.glob(".fetched.partial-*"))  # nothing unverified is left
 
 
+@slow
 def test_loaders_with_a_key_refuse_each_tampering_before_the_models_code_runs(tampered, keys, monkeypatch):
     """tagger serve's replicas and batch-predict's actors load through load_verified; with TAGGER_VERIFY_KEY set,
     load_context checks too, but only where the model's own code still runs its check."""
@@ -147,6 +152,7 @@ def test_loaders_with_a_key_refuse_each_tampering_before_the_models_code_runs(ta
         mlflow.pyfunc.load_model(str(root))
 
 
+@slow
 def test_load_context_refuses_an_edited_code_file_that_leaves_its_check_on(signed, keys, tmp_path, monkeypatch):
     root = Path(shutil.copytree(signed[2], tmp_path / "model"))
     with open(root / "code" / "mlflow_model" / "predictor.py", "a") as handle:
@@ -156,6 +162,7 @@ def test_load_context_refuses_an_edited_code_file_that_leaves_its_check_on(signe
         mlflow.pyfunc.load_model(str(root))
 
 
+@slow
 def test_a_signed_version_verifies_byte_for_byte_from_the_registry_and_says_it_is_signed(signed, keys, tmp_path):
     uri, version, local = signed
     team = fingerprint(keys["team"][1].read_bytes())
@@ -181,8 +188,20 @@ def test_a_signed_version_verifies_byte_for_byte_from_the_registry_and_says_it_i
         shutil.rmtree(copy)
 
 
-def test_a_bad_key_is_one_line_naming_the_file_never_its_content(signed, keys, tmp_path):
-    root = signed[2]
+def test_a_signed_copy_verifies_and_a_changed_byte_is_named(packaged, keys, tmp_path):
+    """The quick loop's check: the shared package's files signed by tagger's signer, then one byte flipped."""
+    root = Path(shutil.copytree(packaged.local, tmp_path / "model", ignore=shutil.ignore_patterns("registered_model_meta")))
+    assert sign_folder(root, keys["team"][0]) == fingerprint(keys["team"][1].read_bytes())
+    assert verify_model(root, keys["team"][1].read_bytes()) == sum(1 for p in root.rglob("*") if p.is_file()) - 1
+    flip(root / WEIGHTS)
+    with pytest.raises(SignatureError, match=f"files differ from what was signed .*: changed: {WEIGHTS.as_posix()}$"):
+        verify_model(root, keys["team"][1].read_bytes())
+    with pytest.raises(SignatureError, match="was signed by another key"):
+        verify_model(root, keys["other"][1].read_bytes())
+
+
+def test_a_bad_key_is_one_line_naming_the_file_never_its_content(packaged, keys, tmp_path):
+    root = packaged.local
     outcome = CliRunner().invoke(cli, ["verify", "--public-key", str(keys["team"][0]), "--model-uri", str(root)])
     assert outcome.exit_code == 1 and "holds a private key; verify with its public key" in outcome.output
     assert keys["team"][0].read_text().splitlines()[1] not in outcome.output
@@ -191,7 +210,7 @@ def test_a_bad_key_is_one_line_naming_the_file_never_its_content(signed, keys, t
     assert outcome.exit_code == 1 and "already holds" in outcome.output, outcome.output
 
 
-@pytest.mark.slow
+@slow
 def test_fetch_then_mlflow_models_serve_serves_the_verified_copy(signed, keys, tmp_path, monkeypatch):
     uri, _, _ = signed
     dest = tmp_path / "served"
@@ -220,6 +239,7 @@ def test_tagger_serve_and_batch_predict_refuse_an_unsigned_model_before_ray_star
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
+@slow
 def test_a_replica_and_an_actor_load_a_signed_version_and_refuse_an_unsigned_one(signed, packaged, keys, tmp_path):
     from tagger.batch_predict import TaggerActor
     from tagger.rollout import ModelHolder
