@@ -172,6 +172,8 @@ def test_a_signed_version_verifies_byte_for_byte_from_the_registry_and_says_it_i
     records = json.dumps([version.tags, version.description, (local / "MLmodel").read_text()])
     assert private.decode() not in records and b"PRIVATE KEY" not in (local / SIGNATURE_FILE).read_bytes()
     assert stat.S_IMODE(keys["team"][0].stat().st_mode) == 0o600
+    body = private.splitlines()[1]  # a line of the key's base64: in no file of the store, its database included
+    assert not [p for p in Path(uri.removeprefix("sqlite:///")).parent.rglob("*") if p.is_file() and body in p.read_bytes()]
     assert not (local / "registered_model_meta").exists()  # the model's own files, nothing MLflow adds
     files = verify_model(local, keys["team"][1].read_bytes())
     assert files == sum(1 for p in local.rglob("*") if p.is_file()) - 1 > 20  # every file but model.sig
