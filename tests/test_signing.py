@@ -8,12 +8,14 @@ a model beyond the shared fixture); the quick loop signs a copy of the shared pa
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
 import stat
 from pathlib import Path
 
+import blake3
 import mlflow
 import pandas as pd
 import pytest
@@ -200,6 +202,15 @@ def test_a_signed_copy_verifies_and_a_changed_byte_is_named(packaged, keys, tmp_
         verify_model(root, keys["team"][1].read_bytes())
     with pytest.raises(SignatureError, match="was signed by another key"):
         verify_model(root, keys["other"][1].read_bytes())
+    # an attacker who rewrites the signed manifest inside model.sig to match cannot sign it again
+    bundle = json.loads((root / SIGNATURE_FILE).read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    weights = next(r for r in statement["predicate"]["resources"] if r["name"] == WEIGHTS.as_posix())
+    weights["digest"] = blake3.blake3((root / WEIGHTS).read_bytes()).hexdigest()
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (root / SIGNATURE_FILE).write_text(json.dumps(bundle))
+    with pytest.raises(SignatureError, match="its signature does not verify with key .* or model.sig was altered"):
+        verify_model(root, keys["team"][1].read_bytes())
 
 
 def test_a_bad_key_is_one_line_naming_the_file_never_its_content(packaged, keys, tmp_path):
