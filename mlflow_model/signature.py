@@ -156,7 +156,7 @@ def verify_model(folder: str | Path, public_key_pem: bytes, label: str | None = 
         except (KeyError, TypeError, AttributeError) as error:  # a signature file of the wrong shape
             raise SignatureError(f"{label}: {SIGNATURE_FILE} is not a model-signing signature ({error!r})") from None
     skipped = byproducts(folder) if skip_byproducts else []
-    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name != SIGNATURE_FILE
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p != folder / SIGNATURE_FILE
                and not any(p == s or s in p.parents for s in skipped))
 
 
