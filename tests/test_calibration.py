@@ -16,7 +16,7 @@ from mlflow_model.checkpoint import CALIBRATION_FILE, read_temperature, write_ca
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.errors import CheckpointError
 from mlflow_model.predictor import Predictor
-from tagger.calibration import brier, calibration_choice, ece, fit_on_dataset, fit_temperature, nll, softmax
+from tagger.calibration import brier, calibration_choice, ece, ece_noise_floor, fit_on_dataset, fit_temperature, nll, softmax
 from tagger.config import PackageConfig
 from tagger.errors import OptionError
 from tagger.evaluate import threshold_sweep
@@ -51,6 +51,8 @@ def test_ece_and_brier_on_known_values():
     assert ece(right, [0] * 9 + [1]) == pytest.approx(0.0)  # 90% confident, 90% right
     assert ece(right, [0] * 10) == pytest.approx(0.1)  # 90% confident, always right
     assert ece(np.array([[0.3, 0.7], [0.9, 0.1]]), [1, 1]) == pytest.approx(0.6)  # two bins: |1 - .7|, |0 - .9|
+    assert ece_noise_floor(np.eye(3)) == 0.0  # certain and right: no noise
+    assert 0.05 < ece_noise_floor(np.array([[0.7, 0.3]] * 20)) < 0.2  # 20 rows at 70%: ECE ~0.08 by chance alone
     assert brier(np.eye(3), [0, 1, 2]) == 0.0 and brier(np.eye(3), [1, 2, 0]) == pytest.approx(2.0)
     assert brier(np.array([[0.5, 0.5]]), [-1]) == pytest.approx(0.5)  # a tag the model does not answer
 

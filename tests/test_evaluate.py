@@ -99,8 +99,8 @@ def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder
     assert (run.data.tags["model_name"], run.data.tags["model_version"]) == (NAME, str(version))
     assert run.data.params["model"] == f"{NAME}-v{version}" and run.data.params["uri"] == f"models:/{NAME}@champion"
     assert f"**{NAME} v{version}**" in run.data.tags["mlflow.note.content"]
-    assert set(run.data.metrics) == {"accuracy", "precision", "recall", "f1", "ece", "brier", "mean_confidence",
-                                     "top_accuracy"}  # the rest is tables
+    assert set(run.data.metrics) == {"accuracy", "precision", "recall", "f1", "ece", "ece_noise_floor", "brier",
+                                     "mean_confidence", "top_accuracy"}  # the rest is tables
     assert run.data.metrics["f1"] == pytest.approx(results["overall"]["f1"])
     calibration = results["calibration"]
     assert run.data.metrics["ece"] == pytest.approx(calibration["ece"]) and 0 <= calibration["ece"] <= 1

@@ -62,6 +62,19 @@ def ece(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) 
     return float(total / max(1, len(confidence)))
 
 
+def ece_noise_floor(probabilities: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model with these probabilities would score on as many rows, on average
+    (labels drawn from the probabilities themselves): with few rows per bin, ECE is above 0 even then."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if len(probabilities) == 0:
+        return 0.0
+    cumulative = probabilities.cumsum(axis=1)
+    cumulative[:, -1] = 1.0
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(probabilities, (rng.random((len(probabilities), 1)) > cumulative).sum(axis=1))
+                          for _ in range(draws)]))
+
+
 def brier(probabilities: np.ndarray, labels: Sequence[int]) -> float:
     """Multi-class Brier score: mean over rows of the squared distance to the one-hot label (0 best, 2 worst).
 

@@ -21,7 +21,7 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.preprocess import prepare_texts
-from tagger.calibration import brier, ece, reliability_bins, top_confidence
+from tagger.calibration import brier, ece, ece_noise_floor, reliability_bins, top_confidence
 from tagger.config import EvaluateConfig
 from tagger.data import load_data
 from tagger.errors import RunSelectionError
@@ -31,7 +31,7 @@ from tagger.records import dataset_name, evaluate_run_name, mlflow_dataset, name
 from tagger.registry import refresh_headline
 
 OVERALL_METRICS = ("accuracy", "precision", "recall", "f1")  # run metrics; the rest goes into the table
-CALIBRATION_METRICS = ("ece", "brier", "mean_confidence", "top_accuracy")  # run metrics too
+CALIBRATION_METRICS = ("ece", "ece_noise_floor", "brier", "mean_confidence", "top_accuracy")  # run metrics too
 SWEEP_STEP = 0.01  # thresholds of the sweep: 0, 0.01, ..., 1
 
 
@@ -98,9 +98,11 @@ def label_positions(y_true: pd.Series, tags: list[str]) -> np.ndarray:
 
 
 def calibration_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """ECE (15 bins), Brier score, mean top probability and the top tag's accuracy (no threshold)."""
+    """ECE (15 bins) and what a perfectly calibrated model would score, Brier score, mean top probability and the
+    top tag's accuracy (no threshold)."""
     confidence, correct = top_confidence(probabilities, labels)
-    return {"ece": ece(probabilities, labels), "brier": brier(probabilities, labels),
+    return {"ece": ece(probabilities, labels), "ece_noise_floor": ece_noise_floor(probabilities),
+            "brier": brier(probabilities, labels),
             "mean_confidence": float(confidence.mean()), "top_accuracy": float(correct.mean())}
 
 
@@ -183,7 +185,8 @@ def describe_evaluation(shown: str, model_uri: str, dataset_loc: str, results: d
     return (
         f"Evaluates **{shown}** (`{model_uri}`) on `{dataset_name(dataset_loc)}` ({overall['num_samples']} rows): "
         f"weighted F1 {overall['f1']:.4f}, precision {overall['precision']:.4f}, recall {overall['recall']:.4f}.\n\n"
-        f"Calibration: ECE {calibration['ece']:.4f}, Brier {calibration['brier']:.4f}, mean confidence "
+        f"Calibration: ECE {calibration['ece']:.4f} (a perfectly calibrated model with these confidences would "
+        f"score {calibration['ece_noise_floor']:.4f} on as many rows), Brier {calibration['brier']:.4f}, mean confidence "
         f"{calibration['mean_confidence']:.3f} against accuracy {calibration['top_accuracy']:.3f} "
         f"(`{config.reliability_file}`). Threshold: {choices} (`{config.threshold_file}`, `{config.sweep_table_file}`)."
         f"\n\nWhere it fails: `{config.figure_file}` and `{config.per_tag_file}`; per tag and per slice, "
@@ -208,8 +211,7 @@ def log_figures(y_true: pd.Series, y_pred: pd.Series, labels: list[str], results
     bins = {k: np.asarray(v, dtype=float) for k, v in results["reliability"].items()}
     figures = {
         config.figure_file: confusion_figure(y_true, y_pred, labels, f"Confusion matrix: {what}"),
-        config.reliability_file: reliability_figure(bins, calibration["ece"], calibration["mean_confidence"],
-                                                    calibration["top_accuracy"], f"Reliability: {what}"),
+        config.reliability_file: reliability_figure(bins, calibration, f"Reliability: {what}"),
         config.per_tag_file: per_tag_figure(results["per_class"], f"Precision and recall per tag: {what}"),
         config.threshold_file: threshold_figure(pd.DataFrame(results["threshold_sweep"]), config.fallback_tag,
                                                 f"Threshold sweep: {what}"),

@@ -22,8 +22,7 @@ def confusion_figure(y_true: pd.Series, y_pred: pd.Series, labels: list[str], ti
     return figure
 
 
-def reliability_figure(bins: dict[str, np.ndarray], ece: float, mean_confidence: float, accuracy: float,
-                       title: str) -> Figure:
+def reliability_figure(bins: dict[str, np.ndarray], calibration: dict[str, float], title: str) -> Figure:
     """Reliability diagram: accuracy against mean confidence per bin (the diagonal is perfect), rows per bin below."""
     figure = Figure(figsize=(7, 7), layout="constrained")
     top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
@@ -36,7 +35,10 @@ def reliability_figure(bins: dict[str, np.ndarray], ece: float, mean_confidence:
              label="(mean confidence, accuracy) of the bin")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
     top.set(ylabel="accuracy", ylim=(0, 1.02), title=title)
-    top.text(0.02, 0.95, f"ECE {ece:.4f} (15 bins)\nmean confidence {mean_confidence:.3f}\naccuracy {accuracy:.3f}",
+    summary = (f"ECE {calibration['ece']:.4f} (15 bins; {calibration['ece_noise_floor']:.4f} expected\n"
+               f"from a perfectly calibrated model on as many rows)\nmean confidence "
+               f"{calibration['mean_confidence']:.3f}\naccuracy {calibration['top_accuracy']:.3f}")
+    top.text(0.02, 0.95, summary,
              transform=top.transAxes, va="top", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"})
     top.legend(loc="lower right", fontsize="small")
     bottom.bar(centers, rows, width=width * 0.9, color="tab:gray")
