@@ -24,7 +24,7 @@ def confusion_figure(y_true: pd.Series, y_pred: pd.Series, labels: list[str], ti
 
 def reliability_figure(bins: dict[str, np.ndarray], calibration: dict[str, float], title: str) -> Figure:
     """Reliability diagram: accuracy against mean confidence per bin (the diagonal is perfect), rows per bin below."""
-    figure = Figure(figsize=(7, 7), layout="constrained")
+    figure = Figure(figsize=(8, 7.5), layout="constrained")
     top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     edges, rows = bins["edges"], bins["rows"]
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -34,13 +34,11 @@ def reliability_figure(bins: dict[str, np.ndarray], calibration: dict[str, float
     top.plot(bins["confidence"][filled], bins["accuracy"][filled], "o", color="tab:orange",
              label="(mean confidence, accuracy) of the bin")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
-    top.set(ylabel="accuracy", ylim=(0, 1.02), title=title)
-    summary = (f"ECE {calibration['ece']:.4f} (15 bins; {calibration['ece_noise_floor']:.4f} expected\n"
-               f"from a perfectly calibrated model on as many rows)\nmean confidence "
-               f"{calibration['mean_confidence']:.3f}\naccuracy {calibration['top_accuracy']:.3f}")
-    top.text(0.02, 0.95, summary,
-             transform=top.transAxes, va="top", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"})
-    top.legend(loc="lower right", fontsize="small")
+    top.set(ylabel="accuracy", ylim=(0, 1.02))
+    top.set_title(f"{title}\nECE {calibration['ece']:.4f} over 15 bins (a perfectly calibrated model: "
+                  f"~{calibration['ece_noise_floor']:.4f} on as many rows)\nmean confidence "
+                  f"{calibration['mean_confidence']:.3f}, accuracy {calibration['top_accuracy']:.3f}", fontsize="medium")
+    figure.legend(loc="outside lower center", ncols=3, fontsize="small")
     bottom.bar(centers, rows, width=width * 0.9, color="tab:gray")
     bottom.set(xlabel="confidence (top probability)", ylabel="rows", xlim=(0, 1))
     return figure
@@ -58,7 +56,7 @@ def per_tag_figure(per_class: dict[str, dict[str, float]], title: str) -> Figure
         axes.bar_label(bars, fmt="%.2f", fontsize="small")
     axes.set_xticks(x, [f"{tag}\n({per_class[tag]['num_samples']} rows)" for tag in tags])
     axes.set(ylim=(0, 1.1), ylabel="score", title=title)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
 
