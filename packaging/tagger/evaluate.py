@@ -124,6 +124,14 @@ def threshold_sweep(probabilities: np.ndarray, labels: np.ndarray, tags: list[st
     return pd.DataFrame(rows)
 
 
+def without_nan(values: dict | list) -> dict | list:
+    """The values with NaN (an empty bin or threshold) as None, so that the results are plain JSON."""
+    def plain(value: object) -> object:
+        return None if isinstance(value, float) and np.isnan(value) else value
+
+    return {k: plain(v) for k, v in values.items()} if isinstance(values, dict) else [plain(v) for v in values]
+
+
 def overall_metrics(results: dict) -> dict[str, float]:
     """The run's metrics: accuracy, weighted precision, recall, F1, and the calibration scores."""
     return {k: float(results["overall"][k]) for k in OVERALL_METRICS} | {
@@ -152,8 +160,9 @@ def compute_results(frame: pd.DataFrame, answers: pd.DataFrame, config: Evaluate
         "per_class": per_class_scores(y_true, y_pred, labels),
         "slices": slice_scores(y_true, y_pred, masks),
         "calibration": calibration_scores(probabilities, positions),
-        "threshold_sweep": threshold_sweep(probabilities, positions, tags, config.fallback_tag).to_dict("records"),
-        "reliability": {k: v.tolist() for k, v in reliability_bins(probabilities, positions).items()},
+        "threshold_sweep": [without_nan(row) for row in
+                            threshold_sweep(probabilities, positions, tags, config.fallback_tag).to_dict("records")],
+        "reliability": {k: without_nan(v.tolist()) for k, v in reliability_bins(probabilities, positions).items()},
     }
 
 
