@@ -138,18 +138,18 @@ def test_package_temperature_auto_none_value_and_refit_are_shipped_and_recorded(
         return version.tags | {"version": str(version.version)}, params, shipped
 
     auto, params, shipped = package()
-    assert (auto["temperature"], auto["temperature.source"], params["temperature"]) == ("2", "checkpoint", "2")
+    assert (auto["temperature"], auto["temperature.source"], params["calibration.temperature"]) == ("2", "checkpoint", "2")
     assert shipped == {"temperature": 2.0, "source": "checkpoint", "fitted_on": "validation split",
                        "ece_before": 0.2, "ece_after": 0.01}
     off, params, shipped = package(temperature="none")
-    assert (off["temperature"], params["temperature.source"], shipped["temperature"]) == ("1", "none", 1.0)
+    assert (off["temperature"], params["calibration.source"], shipped["temperature"]) == ("1", "none", 1.0)
     given, _, shipped = package(temperature="0.5")
     assert (given["temperature"], given["temperature.source"], shipped["temperature"]) == ("0.5", "given", 0.5)
     refit, params, shipped = package(calibration_dataset=calibration_csv)
     expected = fit_on_dataset(str(checkpoint), str(tiny_encoder), calibration_csv)
     assert (refit["temperature.source"], shipped["fitted_on"]) == ("refit", calibration_csv)
     assert shipped["temperature"] == pytest.approx(expected.temperature, rel=1e-6)
-    assert float(params["temperature"]) == pytest.approx(expected.temperature, rel=1e-5)
+    assert float(params["calibration.temperature"]) == pytest.approx(expected.temperature, rel=1e-5)
 
     # What each version serves: softmax(logits / T), logits being the same model's
     logits = np.log(packaged_probabilities(off["version"]))

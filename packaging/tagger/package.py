@@ -69,8 +69,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
             mlflow.log_params({"source_run_id": run_id, "selection": f"{config.metric} {config.mode}",
-                               "encoder": encoder_name(base_model), "temperature": f"{temperature:.6g}",
-                               "temperature.source": calibration["source"]}
+                               "encoder": encoder_name(base_model), "calibration.temperature": f"{temperature:.6g}",
+                               "calibration.source": calibration["source"]}
                               | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
         info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
                           metadata={"source_run_id": run_id, **accuracy})
