@@ -3,11 +3,9 @@ package) and what the served probabilities do with it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 from helpers import build_tiny_checkpoint, log_training_run, varied_rows, write_tiny_csv
 from mlflow.tracking import MlflowClient

@@ -12,7 +12,9 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
-from mlflow_model.checkpoint import CALIBRATION_FILE, index_to_class, read_checkpoint, read_temperature, write_checkpoint
+from mlflow_model.checkpoint import (
+    CALIBRATION_FILE, index_to_class, read_checkpoint, read_temperature, write_checkpoint,
+)
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, REQUEST_PARAMS, PredictorConfig
 from mlflow_model.engines import ENGINES
 from mlflow_model.errors import CheckpointError

@@ -132,7 +132,8 @@ def label_indices(tags: Sequence[str], labels: list[str], source: str) -> np.nda
     index = {tag: i for i, tag in enumerate(labels)}
     unknown = sorted(set(tags) - set(index))
     if unknown:
-        raise DatasetError(f"{source}: tag(s) {unknown} are not among the model's tags {labels}; cannot calibrate on it")
+        raise DatasetError(f"{source}: tag(s) {unknown} are not among the model's tags {labels}; "
+                           "cannot calibrate on it")
     return np.array([index[tag] for tag in tags])
 
 
