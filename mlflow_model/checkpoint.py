@@ -3,7 +3,9 @@
 Layout (Made With ML's Ray checkpoint, which tagger's trainer also writes):
 - `model.safetensors` and/or `model.pt`: state dict of FinetunedLLM;
 - `args.json`: `dropout_p`, `embedding_dim`, `num_classes`;
-- `class_to_index.json`, or `.metadata.json` holding `class_to_index` (Ray <= 2.7).
+- `class_to_index.json`, or `.metadata.json` holding `class_to_index` (Ray <= 2.7);
+- `calibration.json` (optional): `temperature`, the number the logits are divided by before the
+  softmax, and how it was fitted. Without it (Made With ML's checkpoints, older runs) T = 1.
 Weights are never unpickled: safetensors, or `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "model.pt"
 ARGS_FILE = "args.json"
 LABELS_FILE = "class_to_index.json"
+CALIBRATION_FILE = "calibration.json"
 RAY_METADATA_FILE = ".metadata.json"
 # Buffers that older transformers saved in the state dict and newer ones rebuild themselves.
 _IGNORED_KEYS = ("llm.embeddings.position_ids",)
@@ -87,6 +90,26 @@ def read_class_to_index(folder: Path) -> dict[str, int]:
     if indices != list(range(len(labels))):
         raise CheckpointError(f"class_to_index in {folder} must map tags to 0..{len(labels) - 1}, got {labels}")
     return {str(tag): int(index) for tag, index in labels.items()}
+
+
+def read_temperature(folder: str | Path) -> float:
+    """The checkpoint's temperature (calibration.json), 1.0 when it has none; CheckpointError if not a number > 0."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return 1.0
+    value = _read_json(path).get("temperature")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CheckpointError(f"{path}: 'temperature' must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def write_calibration(folder: str | Path, temperature: float, **details: Any) -> Path:
+    """Write calibration.json: the temperature and how it was chosen (fitted on what, ECE before/after...)."""
+    if not 0 < temperature < float("inf"):
+        raise CheckpointError(f"a temperature must be a number > 0, got {temperature!r}")
+    path = Path(folder) / CALIBRATION_FILE
+    path.write_text(json.dumps({"temperature": float(temperature), **details}, indent=2))
+    return path
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

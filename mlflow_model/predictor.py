@@ -7,6 +7,8 @@ settings' one rule (`PredictorConfig.with_params`). A bad row either refuses the
 (`bad_rows="refuse"`, online) or is reported in an `error` column and not predicted
 (`bad_rows="report"`, batch). Token ids run through the engine on the inference threads, which
 batch the rows of concurrent requests; the engine is the one the registry names for the build.
+Every engine gives logits; `postprocess` turns them into probabilities in one place, for every
+build: softmax(logits / temperature), the checkpoint's calibration (`calibration.json`, else 1).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mlflow_model.batching import batched_logits, softmax
-from mlflow_model.checkpoint import encoder_max_length, encoder_settings, index_to_class
+from mlflow_model.checkpoint import encoder_max_length, encoder_settings, index_to_class, read_temperature
 from mlflow_model.config import TOKENIZER_FILE, PredictorConfig
 from mlflow_model.engines import Engine, engine_module
 from mlflow_model.errors import InvalidInputError
@@ -40,10 +42,12 @@ class Predictor:
     """Title + description rows -> tag and per-tag probabilities, over any registered engine."""
 
     def __init__(
-        self, build_engine: Callable[[], Engine], encoder_dir: str | Path, labels: list[str], config: PredictorConfig
+        self, build_engine: Callable[[], Engine], encoder_dir: str | Path, labels: list[str], config: PredictorConfig,
+        temperature: float = 1.0,
     ) -> None:
-        """`build_engine` runs on the first inference thread, one of the threads that run the engine afterwards."""
-        self.index_to_class, self.config = list(labels), config
+        """`build_engine` runs on the first inference thread, one of the threads that run the engine afterwards;
+        the logits are divided by `temperature` before the softmax (calibration)."""
+        self.index_to_class, self.config, self.temperature = list(labels), config, float(temperature)
         self.max_length = config.max_length or encoder_max_length(encoder_dir)
         self.tokenizer = load_tokenizer(Path(encoder_dir) / TOKENIZER_FILE, self.max_length)
         self.pad_id = int(encoder_settings(encoder_dir).get("pad_token_id") or 0)
@@ -58,7 +62,7 @@ class Predictor:
         config = config or PredictorConfig()
         engine = engine_module(config.engine)
         return cls(lambda: engine.load(checkpoint_dir, encoder_dir, config), encoder_dir,
-                   index_to_class(checkpoint_dir), config)
+                   index_to_class(checkpoint_dir), config, read_temperature(checkpoint_dir))
 
     def preprocess(self, frame: Any, params: dict[str, Any] | None = None) -> Prepared:
         """The one gate: params, table, size and rows checked; valid rows cleaned and tokenized, in input order."""
@@ -77,17 +81,22 @@ class Predictor:
         return Prepared(tokenize(self.tokenizer, valid) if valid else [], problems, settings)
 
     def forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Class probabilities per row, in input order, computed on the inference threads."""
+        """Logits per row (rows x tags), in input order, computed on the inference threads."""
         if not token_ids:
             return np.empty((0, len(self.index_to_class)), dtype=np.float32)
         return self.inference.submit(token_ids, batch_size)
 
-    def postprocess(self, probabilities: np.ndarray, prepared: Prepared) -> pd.DataFrame:
-        """Top tag per row (the fallback tag under the threshold) and every tag's probability.
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities: softmax(logits / temperature), the same for every engine and build."""
+        return softmax(logits / np.float32(self.temperature))
+
+    def postprocess(self, logits: np.ndarray, prepared: Prepared) -> pd.DataFrame:
+        """Top tag per row (the fallback tag under the threshold) and every tag's calibrated probability.
 
         With bad_rows="report" the frame also has `error`; a refused row has null prediction and probabilities.
         """
         threshold, fallback = prepared.settings.threshold, self.config.fallback_tag
+        probabilities = self.probabilities(logits)
         best = probabilities.argmax(axis=1)
         tags = [self.index_to_class[i] if probabilities[row, i] >= threshold else fallback for row, i in enumerate(best)]
         per_tag = [dict(zip(self.index_to_class, map(float, row))) for row in probabilities]
@@ -106,14 +115,18 @@ class Predictor:
         return self.postprocess(self.forward(prepared.token_ids, prepared.settings.batch_size), prepared)
 
     def predict_proba(self, frame: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        """Probabilities of the valid rows (rows x tags, columns in index_to_class order)."""
+        """Calibrated probabilities of the valid rows (rows x tags, columns in index_to_class order)."""
+        prepared = self.preprocess(frame, params)
+        return self.probabilities(self.forward(prepared.token_ids, prepared.settings.batch_size))
+
+    def predict_logits(self, frame: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        """Logits of the valid rows, before calibration (what a temperature is fitted to)."""
         prepared = self.preprocess(frame, params)
         return self.forward(prepared.token_ids, prepared.settings.batch_size)
 
     def run_batch(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Probabilities of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""
-        logits = batched_logits(self.engine.logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
-        return softmax(logits)
+        """Logits of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""
+        return batched_logits(self.engine.logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
 
     def start(self, build_engine: Callable[[], Engine]) -> None:
         """Build the engine and run one forward, on the inference thread, so the first request pays for neither."""

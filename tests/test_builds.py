@@ -94,7 +94,8 @@ def test_the_torch_fp32_build_ships_its_trace_without_weights(packaged):
     import torch
 
     checkpoint = packaged.local / "artifacts" / "checkpoint"
-    assert {p.name for p in checkpoint.iterdir()} == {SAFETENSORS_FILE, TRACE_FILE, "args.json", "class_to_index.json"}
+    assert {p.name for p in checkpoint.iterdir()} == {SAFETENSORS_FILE, TRACE_FILE, "args.json", "class_to_index.json",
+                                                      "calibration.json"}
     assert packaged.model.metadata.flavors["python_function"]["config"]["forward"] == "shipped_trace"
     assert isinstance(packaged.model.unwrap_python_model().predictor.engine.model, torch.jit.ScriptModule)
     trace = torch.jit.load(str(checkpoint / TRACE_FILE))
@@ -114,7 +115,8 @@ def test_the_torch_fp32_build_loads_offline_without_transformers(packaged, tiny_
 def test_the_onnx_build_loads_offline_without_torch_and_serves(store, tiny_encoder):
     uri = package(store, tiny_encoder, "onnx", "fp32")
     checkpoint = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
-    assert {p.name for p in checkpoint.iterdir()} == {ONNX_FILE, ONNX_WEIGHTS_FILE, "args.json", "class_to_index.json"}
+    assert {p.name for p in checkpoint.iterdir()} == {ONNX_FILE, ONNX_WEIGHTS_FILE, "args.json", "class_to_index.json",
+                                                      "calibration.json"}
     assert (checkpoint / ONNX_FILE).stat().st_size < (checkpoint / ONNX_WEIGHTS_FILE).stat().st_size  # graph apart
     requirements = mlflow.pyfunc.get_model_dependencies(uri)
     pins = open(requirements).read().split()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -16,7 +17,7 @@ from tagger.bundle import final_settings, log_pyfunc, stage_artifacts
 from tagger.cli import cli
 from tagger.evaluate import evaluate_model, slice_masks
 from tagger.gate import decide, gated_promote
-from mlflow_model.checkpoint import read_checkpoint, write_checkpoint
+from mlflow_model.checkpoint import read_checkpoint, write_calibration, write_checkpoint
 from mlflow_model.config import PredictorConfig
 from tagger.config import EvaluateConfig
 from mlflow_model.errors import TaggerError
@@ -98,25 +99,37 @@ def test_evaluation_is_logged_and_attached_to_the_version(tmp_path, tiny_encoder
     assert (run.data.tags["model_name"], run.data.tags["model_version"]) == (NAME, str(version))
     assert run.data.params["model"] == f"{NAME}-v{version}" and run.data.params["uri"] == f"models:/{NAME}@champion"
     assert f"**{NAME} v{version}**" in run.data.tags["mlflow.note.content"]
-    assert set(run.data.metrics) == {"accuracy", "precision", "recall", "f1"}  # the rest is one table
+    assert set(run.data.metrics) == {"accuracy", "precision", "recall", "f1", "ece", "ece_noise_floor", "brier",
+                                     "mean_confidence", "top_accuracy"}  # the rest is tables
     assert run.data.metrics["f1"] == pytest.approx(results["overall"]["f1"])
+    calibration = results["calibration"]
+    assert run.data.metrics["ece"] == pytest.approx(calibration["ece"]) and 0 <= calibration["ece"] <= 1
+    assert 0 <= calibration["brier"] <= 2 and 0.25 <= calibration["mean_confidence"] <= 1
     logged = {a.path for a in client.list_artifacts(results["run_id"])}
-    assert {"confusion_matrix.png", "evaluation.json", "evaluation_table.json"} <= logged
+    figures = {"confusion_matrix.png", "reliability_diagram.png", "per_tag_precision_recall.png", "threshold_sweep.png"}
+    assert figures | {"evaluation.json", "evaluation_table.json", "threshold_sweep.json"} <= logged
     table = mlflow.load_table("evaluation_table.json", run_ids=[results["run_id"]])
     assert list(table["scope"]) == ["overall"] + ["tag"] * len(results["per_class"]) + ["slice", "slice"]
     nlp_row = table[(table["scope"] == "tag") & (table["name"] == NLP)].iloc[0]
     assert nlp_row["recall"] == pytest.approx(results["per_class"][NLP]["recall"], abs=1e-4)
     assert nlp_row["rows"] == NUM_NLP
-    png = mlflow.artifacts.download_artifacts(run_id=results["run_id"], artifact_path="confusion_matrix.png")
-    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in figures:
+        png = mlflow.artifacts.download_artifacts(run_id=results["run_id"], artifact_path=figure)
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = mlflow.load_table("threshold_sweep.json", run_ids=[results["run_id"]])
+    assert sweep["coverage"].iloc[0] == 1.0 and sweep["coverage"].is_monotonic_decreasing
+    assert "ECE" in run.data.tags["mlflow.note.content"] and "threshold_sweep.png" in run.data.tags["mlflow.note.content"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["eval.csv"]
 
     model_version = client.get_model_version(NAME, version)
     assert float(model_version.tags["eval.f1"]) == pytest.approx(results["overall"]["f1"], abs=1e-4)
     assert model_version.tags["eval.run_id"] == results["run_id"]
     assert model_version.tags["eval.dataset"] == "eval.csv"  # its name, not a local path
+    assert float(model_version.tags["eval.ece"]) == pytest.approx(calibration["ece"], abs=1e-4)
     headline = model_version.description.splitlines()[0]
-    assert headline.startswith(f"F1 {results['overall']['f1']:.4f} on eval.csv — ")
+    report = f"(#/experiments/{run.info.experiment_id}/runs/{results['run_id']})"
+    assert headline.startswith(f"F1 {results['overall']['f1']:.4f}, ECE {calibration['ece']:.4f} on eval.csv "
+                               f"([evaluation report]{report}) — ")
     assert "test version" in model_version.description  # the description given at registration stays below it
     assert model_version.source == f"models:/{results['model_id']}"  # the LoggedModel behind the version
     model_metrics = {m.key: m.value for m in mlflow.get_logged_model(results["model_id"]).metrics}
@@ -173,6 +186,36 @@ def test_gate_refuses_worse_accepts_better_and_force_overrides(better_and_worse,
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{promote_runs(better)[0].info.run_id}'",
                                   search_all_experiments=True, output_format="list")
     assert len(children) == 1
+
+
+@pytest.mark.slow  # packages and registers models
+def test_gate_refuses_a_worse_calibrated_challenger_with_the_same_f1_unless_forced(tmp_path, tiny_encoder, tracking_uri,
+                                                                                   eval_csv):
+    """Both versions always answer NLP (the same F1); the champion's temperature makes its confidence the share of
+    NLP rows (ECE ~0), the challenger is ~100% sure (ECE ~0.45)."""
+    share = NUM_NLP / len(ROWS)
+    calibrated = constant_checkpoint(tmp_path / "calibrated", tiny_encoder, NLP)  # logits (10, 0, 0, 0)
+    write_calibration(calibrated, 10.0 / math.log(3 * share / (1 - share)))  # softmax(logits / T)[NLP] == share
+    champion = register(calibrated, tiny_encoder, tmp_path)
+    challenger = register(constant_checkpoint(tmp_path / "sure", tiny_encoder, NLP), tiny_encoder, tmp_path)
+    gated_promote(NAME, champion, eval_csv)
+
+    with pytest.raises(PromotionRefused, match=rf"version {challenger} has F1 .* ECE 0.45.*champion \(version "
+                                               rf"{champion}\) with F1 .* ECE 0.0000: ECE 0.45.. is more than 0.02 above"):
+        gated_promote(NAME, challenger, eval_csv)
+    assert champion_version(NAME) == champion
+    tags = MlflowClient().get_model_version(NAME, challenger).tags
+    assert tags["gate.decision"] == "refused" and tags["gate.challenger_f1"] == tags["gate.champion_f1"]
+    assert float(tags["gate.champion_ece"]) < 0.001 and float(tags["gate.challenger_ece"]) == pytest.approx(1 - share, abs=1e-3)
+    assert "F1" not in tags["gate.shortfalls"] and "ECE" in tags["gate.shortfalls"]
+    (refused,) = promote_runs(challenger)
+    assert refused.data.tags["gate.challenger_ece"] == tags["gate.challenger_ece"]
+
+    _, decision = gated_promote(NAME, challenger, eval_csv, force=True)
+    assert (decision.decision, champion_version(NAME)) == ("forced", challenger)
+    assert decide(0.9, 0.9, force=False, challenger_ece=0.05, champion_ece=0.02) == "refused"
+    assert decide(0.9, 0.9, force=False, challenger_ece=0.04, champion_ece=0.02) == "accepted"  # within 0.02
+    assert decide(0.9, 0.9, force=True, challenger_ece=0.2, champion_ece=0.02) == "forced"
 
 
 @pytest.mark.slow  # packages and registers models

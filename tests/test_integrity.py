@@ -59,14 +59,15 @@ def test_a_clean_package_loads_and_verifies(packaged):
     for mine, theirs in zip(got["probabilities"], expected["probabilities"]):
         assert mine == pytest.approx(theirs, abs=1e-6)
     outcome = CliRunner().invoke(cli, ["verify", "--model-uri", str(packaged.local)])
-    assert outcome.exit_code == 0 and "7 artifact files match" in outcome.output, outcome.output
+    assert outcome.exit_code == 0 and "8 artifact files match" in outcome.output, outcome.output
 
 
 def test_the_manifest_is_one_artifact_naming_every_file(packaged, tmp_path):
     artifacts = packaged.local / "artifacts"
     manifest = json.loads((artifacts / "manifest.json").read_text())
     files = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert set(manifest) == files and len(files) == 7  # every artifact file, the manifest itself aside
+    assert set(manifest) == files and len(files) == 8  # every artifact file, the manifest itself aside
+    assert "checkpoint/calibration.json" in manifest  # the temperature is checked like the weights
     assert all(len(digest) == 64 for digest in manifest.values())  # SHA-256, hex
     assert "artifact_sha256" not in packaged.model.metadata.flavors["python_function"]["config"]  # not in model_config
     copy = Path(shutil.copytree(packaged.local, tmp_path / "model"))

@@ -128,7 +128,7 @@ def test_a_user_reads_names_descriptions_links_and_inputs(tmp_path, tracking_uri
         assert runs[name].data.tags["model_version"] == "1", name
     assert [d.dataset.name for d in runs["evaluate-tagger-v1-holdout.csv"].inputs.dataset_inputs] == ["holdout.csv"]
     checkpoint = {Path(a.path).name for a in client.list_artifacts(training.info.run_id, "checkpoint")}
-    assert checkpoint == {"model.safetensors", "args.json", "class_to_index.json"}  # one weights file
+    assert checkpoint == {"model.safetensors", "args.json", "class_to_index.json", "calibration.json"}  # one weights file
 
     model = client.get_registered_model(NAME)
     for words in ("`title`", "`description`", "`prediction`", "`probabilities`", "`threshold` (default 0.0)",
@@ -136,7 +136,8 @@ def test_a_user_reads_names_descriptions_links_and_inputs(tmp_path, tracking_uri
         assert words in model.description, words
     assert model.tags["labels"] == "computer-vision, mlops, natural-language-processing, other"
     headline = client.get_model_version(NAME, "1").description.splitlines()[0]
-    assert headline.startswith(f"F1 {evaluation['overall']['f1']:.4f} on holdout.csv, val_loss ")
+    assert headline.startswith(f"F1 {evaluation['overall']['f1']:.4f}, ECE {evaluation['calibration']['ece']:.4f} "
+                               "on holdout.csv ([evaluation report](#/experiments/")
     assert headline.endswith(" — tiny-bert fine-tuned for 2 epochs in run `train-tiny-bert-lr1e-3-bs8-ep2`.")
     assert "**Registered as**: [tagger v1](#/models/tagger/versions/1)" in training.data.tags["mlflow.note.content"]
 

@@ -110,7 +110,7 @@ def test_a_resumed_loop_goes_on_exactly_where_its_checkpoint_stopped(tiny_csv, p
 
     unbroken = run_training(cfg, report=keep)
     assert {p.name for p in (tmp_path / "epoch-0").iterdir()} == {
-        SAFETENSORS_FILE, "args.json", "class_to_index.json", TRAINING_STATE_FILE
+        SAFETENSORS_FILE, "args.json", "class_to_index.json", "calibration.json", TRAINING_STATE_FILE
     }
     resumed = run_training(cfg, resume_from=tmp_path / "epoch-0")  # as after a failure during epoch 1
     assert resumed["resumed_at_epoch"] == 1 and len(resumed["history"]) == 3
@@ -152,12 +152,19 @@ def test_train_logs_run_and_best_checkpoint_that_packages_and_predicts(
     assert len(client.get_metric_history(result.run_id, "best_val_loss")) == 1
     assert run.data.tags[CHECKPOINT_TAG] == "checkpoint"
     names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoint")}
-    assert names == {"model.safetensors", "args.json", "class_to_index.json"}  # one copy of the weights
+    assert names == {"model.safetensors", "args.json", "class_to_index.json", "calibration.json"}  # one weights copy
+    assert [m.step for m in client.get_metric_history(result.run_id, "temperature")] == [0, 1]
+    assert {"val_ece", "val_ece_calibrated", "best_val_ece", "best_val_ece_calibrated"} <= set(run.data.metrics)
+    calibration = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/checkpoint/calibration.json")
+    assert calibration["temperature"] == pytest.approx(run.data.metrics["best_temperature"])  # the best epoch's
+    assert calibration["ece_after"] <= calibration["ece_before"] + 1e-9 and calibration["rows"] == 8
     assert result.class_to_index == {tag: i for i, tag in enumerate(sorted(CLASS_TO_INDEX))}
 
     assert get_best_run_id("tiny") == result.run_id
     version = package_best_run(PackageConfig(experiment_name="tiny"))  # encoder: the run's base_model
     assert version.tags["source_run_id"] == result.run_id
+    assert (float(version.tags["temperature"]), version.tags["temperature.source"]) == (
+        pytest.approx(calibration["temperature"], rel=1e-5), "checkpoint")
     # the encoder is the run's base_model, logged by its name, never its local path
     assert mlflow.get_run(version.tags["package_run_id"]).data.params["encoder"] == pretrained_encoder.name
     model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
@@ -187,7 +194,7 @@ def test_training_survives_a_worker_failure_with_each_epoch_logged_once(
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [0, 1, 2], key
     assert len(result.history) == 3
     names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoint")}
-    assert names == {"model.safetensors", "args.json", "class_to_index.json"}  # no training state packaged
+    assert names == {"model.safetensors", "args.json", "class_to_index.json", "calibration.json"}  # no training state
     assert run.data.metrics["best_val_loss"] == pytest.approx(min(m["val_loss"] for m in result.history))
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mlflow_model.checkpoint import ARGS_FILE, LABELS_FILE
+from mlflow_model.checkpoint import ARGS_FILE, CALIBRATION_FILE, LABELS_FILE
 from mlflow_model.config import (
     CHECKPOINT_ARTIFACT,
     ENCODER_ARTIFACT,
@@ -236,7 +236,7 @@ def build_graph(
 def build(
     files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]]
 ) -> tuple[dict[str, str], PredictorConfig]:
-    """The ONNX build's files: the checked graph + its weights + the label map, and the staged encoder files."""
+    """The ONNX build's files: the checked graph + its weights + the label map (+ temperature), and the encoder files."""
     from transformers import AutoConfig
 
     from mlflow_model.checkpoint import encoder_settings, load_finetuned
@@ -244,8 +244,9 @@ def build(
     checkpoint, encoder = out_dir / CHECKPOINT_ARTIFACT, out_dir / ENCODER_ARTIFACT
     shutil.copytree(files[ENCODER_ARTIFACT], encoder)
     checkpoint.mkdir(parents=True)
-    for name in (ARGS_FILE, LABELS_FILE):
-        shutil.copy(Path(files[CHECKPOINT_ARTIFACT]) / name, checkpoint / name)
+    for name in (ARGS_FILE, LABELS_FILE, CALIBRATION_FILE):
+        if name != CALIBRATION_FILE or (Path(files[CHECKPOINT_ARTIFACT]) / name).is_file():
+            shutil.copy(Path(files[CHECKPOINT_ARTIFACT]) / name, checkpoint / name)
     model = load_finetuned(files[CHECKPOINT_ARTIFACT], encoder)
     pad_id = int(encoder_settings(encoder).get("pad_token_id") or 0)
     build_graph(model, AutoConfig.from_pretrained(encoder), checkpoint, config.precision, samples, pad_id)

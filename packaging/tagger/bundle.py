@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -11,7 +12,9 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 
-from mlflow_model.checkpoint import index_to_class, read_checkpoint, write_checkpoint
+from mlflow_model.checkpoint import (
+    CALIBRATION_FILE, index_to_class, read_checkpoint, read_temperature, write_checkpoint,
+)
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, REQUEST_PARAMS, PredictorConfig
 from mlflow_model.engines import ENGINES
 from mlflow_model.errors import CheckpointError
@@ -35,12 +38,15 @@ def pinned_requirements(engine: str) -> list[str]:
 
 
 def stage_artifacts(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path) -> dict[str, str]:
-    """Write the model's artifacts: weights as safetensors + label map, encoder config + tokenizer."""
+    """Write the model's artifacts: weights as safetensors + label map (+ calibration), encoder config + tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     out_dir = Path(out_dir)
     checkpoint = read_checkpoint(checkpoint_dir)
     write_checkpoint(out_dir / CHECKPOINT_ARTIFACT, checkpoint.state_dict, checkpoint.args, checkpoint.class_to_index)
+    if (Path(checkpoint_dir) / CALIBRATION_FILE).is_file():
+        read_temperature(checkpoint_dir)  # a bad one fails here, naming the file
+        shutil.copy(Path(checkpoint_dir) / CALIBRATION_FILE, out_dir / CHECKPOINT_ARTIFACT / CALIBRATION_FILE)
     encoder_dir = out_dir / ENCODER_ARTIFACT
     try:
         AutoConfig.from_pretrained(base_model).save_pretrained(encoder_dir)

@@ -156,6 +156,11 @@ def cli(verbose: bool) -> None:
          help="Serving: most rows one request may hold (default: measured at packaging, half the request timeout's worth).")
 @setting("--eval-dataset", PackageConfig,
          help="Labelled CSV for a build's F1 change (default: the shipped tagger/datasets/projects.csv).")
+@setting("--temperature", PackageConfig, help="Calibration: auto (the temperature fitted on the training run's "
+         "validation split, or refitted on --calibration-dataset), none (1: off) or a number > 0 the logits are "
+         "divided by before the softmax.")
+@setting("--calibration-dataset", PackageConfig, help="Labelled CSV to refit the temperature on (with --temperature "
+         "auto); not the CSV you evaluate the model on.")
 @setting("--run-id", PackageConfig, help="Package this run of the experiment (default: the best run whose checkpoint "
          "downloads; runs whose checkpoint cannot be downloaded are skipped, each named with the reason).")
 @setting("--signing-key", PackageConfig, envvar=SIGNING_KEY_VARIABLE,
@@ -177,6 +182,7 @@ def package(experiment_name: str, **values: Any) -> None:
                f"forward path {version.tags.get('forward')}) from run {version.tags['source_run_id']}")
     if version.tags.get(SIGNED_TAG) == "true":
         click.echo(f"signed with the key whose fingerprint is {version.tags[FINGERPRINT_METADATA]}")
+    click.echo(f"Temperature {version.tags['temperature']} ({version.tags['temperature.source']})")
     if "accuracy.f1_delta" in version.tags:
         click.echo(f"weighted F1 change against torch fp32: {version.tags['accuracy.f1_delta']} "
                    f"(torch fp32 {version.tags.get('accuracy.reference_f1', '-')}, "
@@ -187,9 +193,11 @@ def package(experiment_name: str, **values: Any) -> None:
 @setting("--model-name", PackageConfig, help="Registered model name.")
 @click.option("--version", type=Blankable(str), default=None, help="Version to promote (default: the newest).")
 @click.option("--eval-dataset", type=Blankable(str), default=None,
-              help="Labelled CSV: promote only if the version's F1 on it is not worse than the champion's.")
+              help="Labelled CSV: promote only if the version's F1 on it is not worse than the champion's, and its "
+                   "ECE not more than 0.02 worse.")
 @click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
-              help="With --eval-dataset: promote even if the challenger scores worse (`--force` or `--force true`).")
+              help="With --eval-dataset: promote even if the challenger scores or calibrates worse "
+                   "(`--force` or `--force true`).")
 def promote(model_name: str | None, version: str | None, eval_dataset: str | None, force: bool) -> None:
     """Promote a version: stage Production (previous one archived) and alias champion, in a promote run."""
     from tagger.gate import gated_promote
@@ -200,8 +208,11 @@ def promote(model_name: str | None, version: str | None, eval_dataset: str | Non
         if decision.champion_error:
             champion = f"unknown (version {decision.champion} cannot be loaded: {decision.champion_error})"
         else:
-            champion = f"{decision.champion_f1:.4f} (version {decision.champion})" if decision.champion else "none"
-        click.echo(f"Gate {decision.decision}: challenger F1 {decision.challenger_f1:.4f}, champion F1 {champion}")
+            champion = (f"{decision.champion_f1:.4f}, ECE {decision.champion_ece:.4f} (version {decision.champion})"
+                        if decision.champion else "none")
+        worse = f" ({decision.shortfalls})" if decision.shortfalls else ""
+        click.echo(f"Gate {decision.decision}: challenger F1 {decision.challenger_f1:.4f}, ECE "
+                   f"{decision.challenger_ece:.4f}; champion F1 {champion}{worse}")
     click.echo(f"{promoted.name} version {promoted.version} is now {promoted.current_stage} and @champion")
 
 

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mlflow_model.config import PredictorConfig
+from mlflow_model.config import FALLBACK_TAG, PredictorConfig
 
 MODEL_NAME = "tagger"
 CHAMPION_ALIAS = "champion"
@@ -50,6 +50,8 @@ class PackageConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     trace: bool = True  # torch builds: trace the model if its trace gives its logits (the build records the path)
     eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
+    temperature: str = "auto"  # auto: the checkpoint's (or refit on calibration_dataset); none: 1; or a number > 0
+    calibration_dataset: str | None = None  # labelled CSV to refit the temperature on (never the one you evaluate on)
     run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
     signing_key: str | None = None  # private key file (PEM, elliptic curve) that signs the model; None: unsigned
 
@@ -93,9 +95,15 @@ class EvaluateConfig:
     llm_pattern: str = r"\b(transformers?|llms?|large language models?|bert|gpt\w*|llama|t5|bart)\b"  # ...matching this
     tag_prefix: str = "eval."  # version tags: eval.f1, eval.dataset, eval.run_id, ...
     figure_file: str = "confusion_matrix.png"
+    reliability_file: str = "reliability_diagram.png"
+    per_tag_file: str = "per_tag_precision_recall.png"
+    threshold_file: str = "threshold_sweep.png"
+    sweep_table_file: str = "threshold_sweep.json"  # coverage and accuracy per threshold (mlflow.log_table)
+    fallback_tag: str = FALLBACK_TAG  # the served model's fallback tag under the threshold (PredictorConfig's default)
     table_file: str = "evaluation_table.json"  # per-tag and slice scores, one table (mlflow.log_table)
     results_file: str = "evaluation.json"
     f1_tolerance: float = 0.0  # gate: refuse a challenger whose F1 is below champion F1 - tolerance
+    ece_tolerance: float = 0.02  # gate: refuse a challenger whose ECE is above champion ECE + tolerance
     gate_tag_prefix: str = "gate."  # challenger's version tags: gate.decision, gate.champion_f1, ...
 
 

@@ -1,10 +1,12 @@
-"""Score a model on a labelled CSV (overall, per tag, slices) and log the results to MLflow.
+"""Score a model on a labelled CSV (overall, per tag, slices, calibration) and log a report to MLflow.
 
-The run is named `evaluate-<model>-v<N>-<dataset>`; overall accuracy and weighted
-precision/recall/F1 are its metrics (also on the LoggedModel), per-tag and slice scores one table
-(`evaluation_table.json`, shown in the run's artifacts), with a confusion matrix titled with the
-version and the dataset. A registered version gets `eval.*` tags and its description's first line
-names the F1.
+The run is named `evaluate-<model>-v<N>-<dataset>`; overall accuracy, weighted
+precision/recall/F1, and the calibration of its probabilities (ECE over 15 bins, Brier score, mean
+confidence) are its metrics (also on the LoggedModel); per-tag and slice scores are one table
+(`evaluation_table.json`), the threshold sweep another (`threshold_sweep.json`). Its figures,
+titled with the model, version and dataset: the confusion matrix, the reliability diagram, per-tag
+precision/recall and the threshold sweep (coverage and accuracy against `threshold`). A registered
+version gets `eval.*` tags and its description's first line names the F1 and ECE and links the run.
 """
 from __future__ import annotations
 
@@ -13,22 +15,24 @@ import re
 import mlflow
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import ConfusionMatrixDisplay
 
 from mlflow_model.preprocess import prepare_texts
+from tagger.calibration import brier, ece, ece_noise_floor, reliability_bins, top_confidence
 from tagger.config import EvaluateConfig
 from tagger.data import load_data
 from tagger.errors import RunSelectionError
+from tagger.figures import confusion_figure, per_tag_figure, reliability_figure, threshold_figure
 from tagger.metrics import per_class_scores, scores
 from tagger.records import dataset_name, evaluate_run_name, mlflow_dataset, name_and_describe, version_label
 from tagger.registry import refresh_headline
 
 OVERALL_METRICS = ("accuracy", "precision", "recall", "f1")  # run metrics; the rest goes into the table
+CALIBRATION_METRICS = ("ece", "ece_noise_floor", "brier", "mean_confidence", "top_accuracy")  # run metrics too
+SWEEP_STEP = 0.01  # thresholds of the sweep: 0, 0.01, ..., 1
 
 
 def _logged_model_id(client: MlflowClient, uri: str) -> str | None:
@@ -81,18 +85,58 @@ def slice_scores(y_true: pd.Series, y_pred: pd.Series, masks: dict[str, np.ndarr
     }
 
 
-def confusion_figure(y_true: pd.Series, y_pred: pd.Series, labels: list[str], title: str) -> Figure:
-    """Confusion matrix (rows: true tag, columns: predicted tag) as a figure, without pyplot."""
-    figure = Figure(figsize=(7, 6), layout="constrained")
-    axes = figure.subplots()
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=labels, ax=axes, xticks_rotation=30, colorbar=False)
-    axes.set_title(title)
-    return figure
+def probability_matrix(probabilities: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """The model's per-tag probabilities (one dict per row) as rows x tags, and the tags (the columns)."""
+    tags = list(probabilities.iloc[0])
+    return np.array([[row[tag] for tag in tags] for row in probabilities], dtype=np.float64), tags
+
+
+def label_positions(y_true: pd.Series, tags: list[str]) -> np.ndarray:
+    """Each row's true tag as a column of the probability matrix (-1: a tag the model does not answer)."""
+    index = {tag: i for i, tag in enumerate(tags)}
+    return np.array([index.get(tag, -1) for tag in y_true])
+
+
+def calibration_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """ECE (15 bins) and what a perfectly calibrated model would score, Brier score, mean top probability and the
+    top tag's accuracy (no threshold)."""
+    confidence, correct = top_confidence(probabilities, labels)
+    return {"ece": ece(probabilities, labels), "ece_noise_floor": ece_noise_floor(probabilities),
+            "brier": brier(probabilities, labels),
+            "mean_confidence": float(confidence.mean()), "top_accuracy": float(correct.mean())}
+
+
+def threshold_sweep(probabilities: np.ndarray, labels: np.ndarray, tags: list[str], fallback: str) -> pd.DataFrame:
+    """Per threshold: coverage (rows whose top probability reaches it, not turned into the fallback tag), the
+    accuracy of those answers, and the accuracy of all answers (fallback ones right when the row is that tag)."""
+    confidence, correct = top_confidence(probabilities, labels)
+    is_fallback_row = labels == (tags.index(fallback) if fallback in tags else -2)
+    rows = []
+    for threshold in np.round(np.arange(0.0, 1.0 + SWEEP_STEP / 2, SWEEP_STEP), 2):
+        kept = confidence >= threshold
+        rows.append({
+            "threshold": float(threshold),
+            "coverage": float(kept.mean()),
+            "accuracy_kept": float(correct[kept].mean()) if kept.any() else float("nan"),
+            "accuracy_all": float(np.where(kept, correct, is_fallback_row).mean()),
+            "rows_kept": int(kept.sum()),
+        })
+    return pd.DataFrame(rows)
+
+
+def without_nan(values: dict | list) -> dict | list:
+    """The values with NaN (an empty bin or threshold) as None, so that the results are plain JSON."""
+    def plain(value: object) -> object:
+        return None if isinstance(value, float) and np.isnan(value) else value
+
+    return {k: plain(v) for k, v in values.items()} if isinstance(values, dict) else [plain(v) for v in values]
 
 
 def overall_metrics(results: dict) -> dict[str, float]:
-    """The run's metrics: accuracy and weighted precision, recall, F1 over the whole dataset."""
-    return {k: float(results["overall"][k]) for k in OVERALL_METRICS}
+    """The run's metrics: accuracy, weighted precision, recall, F1, and the calibration scores."""
+    return {k: float(results["overall"][k]) for k in OVERALL_METRICS} | {
+        k: float(results["calibration"][k]) for k in CALIBRATION_METRICS
+    }
 
 
 def scores_table(results: dict) -> pd.DataFrame:
@@ -104,24 +148,31 @@ def scores_table(results: dict) -> pd.DataFrame:
     return table.reindex(columns=["scope", "name", "rows", "precision", "recall", "f1"]).round(4)
 
 
-def compute_results(frame: pd.DataFrame, predictions: pd.Series, config: EvaluateConfig) -> dict:
-    """Overall, per-tag and slice scores of predictions against the frame's tags."""
-    y_true, y_pred = frame["tag"].reset_index(drop=True), predictions.reset_index(drop=True)
+def compute_results(frame: pd.DataFrame, answers: pd.DataFrame, config: EvaluateConfig) -> dict:
+    """Overall, per-tag, slice and calibration scores of the model's answers against the frame's tags."""
+    y_true, y_pred = frame["tag"].reset_index(drop=True), answers["prediction"].reset_index(drop=True)
     labels = sorted(set(y_true) | set(y_pred))
     masks = slice_masks(y_true, prepare_texts(frame), config)
+    probabilities, tags = probability_matrix(answers["probabilities"])
+    positions = label_positions(y_true, tags)
     return {
         "overall": scores(y_true, y_pred),
         "per_class": per_class_scores(y_true, y_pred, labels),
         "slices": slice_scores(y_true, y_pred, masks),
+        "calibration": calibration_scores(probabilities, positions),
+        "threshold_sweep": [without_nan(row) for row in
+                            threshold_sweep(probabilities, positions, tags, config.fallback_tag).to_dict("records")],
+        "reliability": {k: without_nan(v.tolist()) for k, v in reliability_bins(probabilities, positions).items()},
     }
 
 
 def attach_to_version(version: ModelVersion, results: dict, config: EvaluateConfig) -> None:
     """Version tags eval.f1, eval.precision, ..., eval.dataset (its name), eval.run_id; the headline names the F1."""
     client = MlflowClient()
-    scores = {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in results["overall"].items()}
-    values = {**scores, "dataset": dataset_name(results["dataset"]),
-              "dataset_digest": results["dataset_digest"], "run_id": results["run_id"]}
+    measured = results["overall"] | {k: results["calibration"][k] for k in ("ece", "brier", "mean_confidence")}
+    scores = {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in measured.items()}
+    values = {**scores, "dataset": dataset_name(results["dataset"]), "dataset_digest": results["dataset_digest"],
+              "run_id": results["run_id"], "experiment_id": results["experiment_id"]}
     for key, value in values.items():
         client.set_model_version_tag(version.name, version.version, f"{config.tag_prefix}{key}", str(value))
     refresh_headline(version.name, version.version)
@@ -136,12 +187,19 @@ def model_label(model_uri: str, version: ModelVersion | None, model_id: str | No
 
 def describe_evaluation(shown: str, model_uri: str, dataset_loc: str, results: dict, config: EvaluateConfig) -> str:
     """The evaluation run's description: what was scored on what, and the overall result."""
-    overall = results["overall"]
+    overall, calibration = results["overall"], results["calibration"]
+    sweep = pd.DataFrame(results["threshold_sweep"]).set_index("threshold")
+    choices = "; ".join(f"{t:g} keeps {sweep.loc[t, 'coverage']:.0%} of answers at {sweep.loc[t, 'accuracy_kept']:.1%}"
+                        for t in (0.5, 0.8, 0.9))
     return (
         f"Evaluates **{shown}** (`{model_uri}`) on `{dataset_name(dataset_loc)}` ({overall['num_samples']} rows): "
         f"weighted F1 {overall['f1']:.4f}, precision {overall['precision']:.4f}, recall {overall['recall']:.4f}.\n\n"
-        f"Per tag and per slice: the table `{config.table_file}` (artifacts); confusion matrix: "
-        f"`{config.figure_file}`."
+        f"Calibration: ECE {calibration['ece']:.4f} (a perfectly calibrated model with these confidences would "
+        f"score {calibration['ece_noise_floor']:.4f} on as many rows), Brier {calibration['brier']:.4f}, mean confidence "
+        f"{calibration['mean_confidence']:.3f} against accuracy {calibration['top_accuracy']:.3f} "
+        f"(`{config.reliability_file}`). Threshold: {choices} (`{config.threshold_file}`, `{config.sweep_table_file}`)."
+        f"\n\nWhere it fails: `{config.figure_file}` and `{config.per_tag_file}`; per tag and per slice, "
+        f"the table `{config.table_file}`."
     )
 
 
@@ -155,6 +213,22 @@ def experiment_of(version: ModelVersion | None) -> str | None:
     return MlflowClient().get_run(version.run_id).info.experiment_id
 
 
+def log_figures(y_true: pd.Series, y_pred: pd.Series, labels: list[str], results: dict, what: str,
+                config: EvaluateConfig) -> None:
+    """The report's four figures, each titled with `what` (model, version, dataset), as PNGs of the run."""
+    calibration = results["calibration"]
+    bins = {k: np.asarray(v, dtype=float) for k, v in results["reliability"].items()}
+    figures = {
+        config.figure_file: confusion_figure(y_true, y_pred, labels, f"Confusion matrix: {what}"),
+        config.reliability_file: reliability_figure(bins, calibration, f"Reliability: {what}"),
+        config.per_tag_file: per_tag_figure(results["per_class"], f"Precision and recall per tag: {what}"),
+        config.threshold_file: threshold_figure(pd.DataFrame(results["threshold_sweep"]), config.fallback_tag,
+                                                f"Threshold sweep: {what}"),
+    }
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, name)
+
+
 def evaluate_model(model_uri: str, dataset_loc: str, config: EvaluateConfig | None = None) -> dict:
     """Score a model on a labelled CSV, log it to an MLflow run and tag the registered version.
 
@@ -165,8 +239,9 @@ def evaluate_model(model_uri: str, dataset_loc: str, config: EvaluateConfig | No
     config = config or EvaluateConfig()
     frame = load_data(dataset_loc)
     version, model_id = resolve_model(model_uri)
-    predictions = load_model(model_uri).predict(frame[["title", "description"]])["prediction"]
-    results = compute_results(frame, predictions, config)
+    answers = load_model(model_uri).predict(frame[["title", "description"]])
+    predictions = answers["prediction"]
+    results = compute_results(frame, answers, config)
     labels = list(results["per_class"])
     dataset = mlflow_dataset(frame, dataset_loc)
     label = model_label(model_uri, version, model_id)
@@ -182,8 +257,8 @@ def evaluate_model(model_uri: str, dataset_loc: str, config: EvaluateConfig | No
         mlflow.log_input(dataset, context="evaluation")
         mlflow.log_metrics(overall_metrics(results), model_id=model_id, dataset=dataset)
         mlflow.log_table(scores_table(results), config.table_file)
-        title = f"Confusion matrix: {shown} on {dataset_name(dataset_loc)}"
-        mlflow.log_figure(confusion_figure(frame["tag"], predictions, labels, title), config.figure_file)
+        mlflow.log_table(pd.DataFrame(results["threshold_sweep"]).round(4), config.sweep_table_file)
+        log_figures(frame["tag"], predictions, labels, results, f"{shown} on {dataset_name(dataset_loc)}", config)
         results = {
             "model_uri": model_uri,
             "version": version.version if version else None,
@@ -191,6 +266,7 @@ def evaluate_model(model_uri: str, dataset_loc: str, config: EvaluateConfig | No
             "dataset": dataset_loc,
             "dataset_digest": dataset.digest,
             "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
             **results,
         }
         mlflow.log_dict(results, config.results_file)

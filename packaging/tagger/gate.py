@@ -1,5 +1,6 @@
 """Promotion, recorded in a `promote-<model>-v<N>` run, and its gate: a challenger replaces the champion
-only if its F1 is not worse."""
+only if its weighted F1 is not worse and its probabilities are not worse calibrated (ECE at most
+`ece_tolerance`, 0.02, above the champion's) on the same labelled CSV."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -27,32 +28,59 @@ class GateDecision:
     dataset: str
     decision: str  # "accepted", "refused" or "forced"
     champion_error: str | None = None  # why the champion could not be loaded and scored (then champion_f1 is None)
+    challenger_ece: float | None = None
+    champion_ece: float | None = None
+    shortfalls: str | None = None  # what the challenger does worse ("F1 ...; ECE ..."), when refused or forced
 
 
-def decide(challenger_f1: float, champion_f1: float | None, force: bool, tolerance: float = 0.0) -> str:
-    """accepted if there is no champion or the challenger is not worse; else forced or refused."""
-    if champion_f1 is None or challenger_f1 >= champion_f1 - tolerance:
+def shortfalls(challenger: dict[str, float], champion: dict[str, float] | None, f1_tolerance: float = 0.0,
+               ece_tolerance: float = EvaluateConfig.ece_tolerance) -> list[str]:
+    """What the challenger ({"f1", "ece"}) does worse than the champion, beyond the tolerances (none: no champion)."""
+    if champion is None:
+        return []
+    found = []
+    if challenger["f1"] < champion["f1"] - f1_tolerance:
+        found.append(f"F1 {challenger['f1']:.4f} is below the champion's {champion['f1']:.4f}")
+    if challenger.get("ece") is not None and champion.get("ece") is not None \
+            and challenger["ece"] > champion["ece"] + ece_tolerance:
+        found.append(f"ECE {challenger['ece']:.4f} is more than {ece_tolerance:g} above the champion's "
+                     f"{champion['ece']:.4f}")
+    return found
+
+
+def decide(challenger_f1: float, champion_f1: float | None, force: bool, tolerance: float = 0.0,
+           challenger_ece: float | None = None, champion_ece: float | None = None,
+           ece_tolerance: float = EvaluateConfig.ece_tolerance) -> str:
+    """accepted if there is no champion or the challenger is neither less accurate nor worse calibrated;
+    else forced or refused."""
+    champion = None if champion_f1 is None else {"f1": champion_f1, "ece": champion_ece}
+    if not shortfalls({"f1": challenger_f1, "ece": challenger_ece}, champion, tolerance, ece_tolerance):
         return "accepted"
     return "forced" if force else "refused"
+
+
+def gate_scores(results: dict) -> dict[str, float]:
+    """What the gate compares from an evaluation: weighted F1 and ECE."""
+    return {"f1": results["overall"]["f1"], "ece": results["calibration"]["ece"]}
 
 
 def compare(name: str, version: str, dataset_loc: str, force: bool, config: EvaluateConfig) -> GateDecision:
     """Evaluate the challenger (and the champion, if another version) on the same CSV."""
     champion = champion_version(name)
-    challenger_f1 = evaluate_model(f"models:/{name}/{version}", dataset_loc, config)["overall"]["f1"]
-    champion_f1 = champion_error = None
+    challenger = gate_scores(evaluate_model(f"models:/{name}/{version}", dataset_loc, config))
+    held = champion_error = None
     if champion == version:
-        champion_f1 = challenger_f1
+        held = challenger
     elif champion is not None:
         try:
-            champion_f1 = evaluate_model(f"models:/{name}/{champion}", dataset_loc, config)["overall"]["f1"]
+            held = gate_scores(evaluate_model(f"models:/{name}/{champion}", dataset_loc, config))
         except Exception as error:  # e.g. its artifacts were moved or deleted: no comparison is possible
             champion_error = one_line(error)
-    if champion_error:
-        decision = "forced" if force else "refused"
-    else:
-        decision = decide(challenger_f1, champion_f1, force, config.f1_tolerance)
-    return GateDecision(version, challenger_f1, champion, champion_f1, dataset_name(dataset_loc), decision, champion_error)
+    worse = shortfalls(challenger, held, config.f1_tolerance, config.ece_tolerance)
+    decision = "accepted" if not (worse or champion_error) else "forced" if force else "refused"
+    return GateDecision(version, challenger["f1"], champion, held["f1"] if held else None, dataset_name(dataset_loc),
+                        decision, champion_error, challenger["ece"], held["ece"] if held else None,
+                        "; ".join(worse) or None)
 
 
 def refusal(name: str, decision: GateDecision) -> str:
@@ -63,8 +91,9 @@ def refusal(name: str, decision: GateDecision) -> str:
             f"{decision.challenger} with: {decision.champion_error}; the champion stays (pass --force to promote anyway)"
         )
     return (
-        f"{name} version {decision.challenger} has F1 {decision.challenger_f1:.4f} on {decision.dataset}, worse than "
-        f"the champion (version {decision.champion}) with {decision.champion_f1:.4f}; the champion stays "
+        f"{name} version {decision.challenger} has F1 {decision.challenger_f1:.4f} and ECE {decision.challenger_ece:.4f} "
+        f"on {decision.dataset}, against the champion (version {decision.champion}) with F1 "
+        f"{decision.champion_f1:.4f} and ECE {decision.champion_ece:.4f}: {decision.shortfalls}; the champion stays "
         "(pass --force to promote anyway)"
     )
 
@@ -94,12 +123,14 @@ def describe_promotion(name: str, version: str, previous: str | None, decision: 
         text = f"Promotes **{name} v{version}** to stage {PRODUCTION_STAGE} and alias `{CHAMPION_ALIAS}` ({replaced})."
     if decision is None:
         return text + " Not gated (no evaluation dataset given)."
-    champion = f"v{decision.champion}'s {decision.champion_f1:.4f}" if decision.champion_f1 is not None else "no champion"
+    champion = (f"v{decision.champion}'s F1 {decision.champion_f1:.4f}, ECE {decision.champion_ece:.4f}"
+                if decision.champion_f1 is not None else "no champion")
     if decision.champion_error:
         champion = f"v{decision.champion}, which cannot be loaded ({decision.champion_error})"
+    worse = f" ({decision.shortfalls})" if decision.shortfalls else ""
     return (
-        f"{text}\n\nGate on `{decision.dataset}`: F1 {decision.challenger_f1:.4f} against {champion}: "
-        f"**{decision.decision}**. The evaluations are the runs nested under this one."
+        f"{text}\n\nGate on `{decision.dataset}`: F1 {decision.challenger_f1:.4f}, ECE {decision.challenger_ece:.4f} "
+        f"against {champion}: **{decision.decision}**{worse}. The evaluations are the runs nested under this one."
     )
 
 

@@ -9,10 +9,13 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
+from mlflow_model.checkpoint import write_calibration
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
 from mlflow_model.engines import build_name
 from mlflow_model.signature import FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, fingerprint
 from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
+from tagger.calibration import calibration_choice, packaged_temperature
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
@@ -41,9 +44,28 @@ def signing_line(key: str | None) -> str:
             f"SHA-256 fingerprint `{key}`; check with `tagger verify --public-key KEY.pub --model-uri URI`")
 
 
+def calibrate(config: PackageConfig, staged: dict[str, str]) -> tuple[float, dict]:
+    """Choose the temperature (--temperature, --calibration-dataset) and write it into the staged checkpoint."""
+    temperature, details = packaged_temperature(config.temperature, config.calibration_dataset,
+                                                staged[CHECKPOINT_ARTIFACT], staged[ENCODER_ARTIFACT])
+    write_calibration(staged[CHECKPOINT_ARTIFACT], temperature, **details)
+    return temperature, details
+
+
+def describe_calibration(details: dict) -> str:
+    """Where the packaged temperature comes from, in words."""
+    source = details["source"]
+    if source == "checkpoint":
+        return f"fitted on the training run's {details.get('fitted_on', 'validation split')}"
+    if source == "refit":
+        return f"refitted at packaging on `{dataset_name(details['fitted_on'])}` ({details['rows']} rows)"
+    return {"none": "calibration turned off", "given": "given at packaging"}.get(source, "the checkpoint has none")
+
+
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
     key = fingerprint(public_key_of(config.signing_key)) if config.signing_key else None  # a bad key fails first
+    calibration_choice(config.temperature, config.calibration_dataset)  # a bad option fails before any download
     with tempfile.TemporaryDirectory() as tmp:
         # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
@@ -55,6 +77,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
             predictor = replace(predictor, max_length=int(trained_length))
         reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
+        temperature, calibration = calibrate(config, reference)
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
         rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
         artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows)
@@ -64,7 +87,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
             mlflow.log_params({"source_run_id": run_id, "selection": f"{config.metric} {config.mode}",
-                               "encoder": encoder_name(base_model)}
+                               "encoder": encoder_name(base_model), "calibration.temperature": f"{temperature:.6g}",
+                               "calibration.source": calibration["source"]}
                               | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
         info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
                           metadata={"source_run_id": run_id, **accuracy, **signing_metadata(key)})
@@ -83,6 +107,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "encoder": encoder_name(base_model),
         "num_epochs": trained_param(source, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
+        "temperature": f"{temperature:.6g}",
+        "temperature.source": calibration["source"],
         **accuracy,
         SIGNED_TAG: "true" if key else "false",
         FINGERPRINT_METADATA: key or "",
@@ -96,5 +122,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
         f"encoder {encoder_name(base_model)}",
         signing_line(key),
+        f"**Calibration**: temperature {temperature:.4g} ({describe_calibration(calibration)}), "
+        "in `checkpoint/calibration.json`",
     ])
     return register_version(info.model_uri, config.model_name, tags, description, info.model_id)

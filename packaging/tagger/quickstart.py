@@ -85,7 +85,8 @@ def quickstart(config: QuickstartConfig) -> pd.DataFrame:
           f"promoting it to @{CHAMPION_ALIAS} unless it scores worse than the champion", flush=True)
     try:
         _, decision = gated_promote(version.name, str(version.version), str(holdout_csv))
-        print(f"      gate {decision.decision}: weighted F1 {decision.challenger_f1:.4f} on {holdout_csv.name}", flush=True)
+        print(f"      gate {decision.decision}: weighted F1 {decision.challenger_f1:.4f}, ECE {decision.challenger_ece:.4f} "
+              f"on {holdout_csv.name}", flush=True)
     except PromotionRefused as refused:
         print(f"      {refused.message}", flush=True)
     uri = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}"

@@ -19,7 +19,7 @@ from mlflow_model.checkpoint import LABELS_FILE
 from mlflow_model.config import CHECKPOINT_ARTIFACT
 from tagger.config import CHAMPION_ALIAS, PRODUCTION_STAGE, EvaluateConfig
 from tagger.errors import RunSelectionError
-from tagger.records import package_run_name, plural, set_note, version_link
+from tagger.records import package_run_name, plural, run_link, set_note, version_link
 
 VERSIONS_TAG = "registered_versions"  # training run tag: the versions it became ("tagger v3, tagger v4")
 REGISTERED_AS = "**Registered as**: "  # the training run's description ends with links to those versions
@@ -29,8 +29,10 @@ HEADLINE_END = "\n\n"  # a version description: the headline, a blank line, the 
 def version_headline(tags: dict[str, str]) -> str:
     """One readable line from a version's tags: its scores (evaluation F1 once known, val_loss), then its training."""
     metric, prefix = tags.get("selected_by", "val_loss ASC").split()[0], EvaluateConfig().tag_prefix
-    f1, dataset = tags.get(f"{prefix}f1"), tags.get(f"{prefix}dataset", "?")
-    scores = [f"F1 {float(f1):.4f} on {dataset}"] if f1 else []
+    f1, dataset, ece = tags.get(f"{prefix}f1"), tags.get(f"{prefix}dataset", "?"), tags.get(f"{prefix}ece")
+    experiment, run = tags.get(f"{prefix}experiment_id"), tags.get(f"{prefix}run_id")
+    report = f" ({run_link(experiment, run, 'evaluation report')})" if experiment and run else ""
+    scores = [f"F1 {float(f1):.4f}{f', ECE {float(ece):.4f}' if ece else ''} on {dataset}{report}"] if f1 else []
     scores += [f"{metric} {float(tags[metric]):.4f}"] if tags.get(metric) else []
     evaluated = "" if f1 else " (not evaluated yet)"
     trained = f"{tags['encoder']} fine-tuned" if tags.get("encoder") else "fine-tuned"

@@ -7,7 +7,9 @@ run's `checkpoint/` artifacts and points the run tag `checkpoint_path` at it, wh
 `tagger.runs` reads.
 
 Metrics, at step = epoch (0-based): `train_loss`, `lr`, `val_loss`, `val_accuracy`,
-`val_precision`, `val_recall`, `val_f1` (weighted); each curve ends at the last epoch. Once
+`val_precision`, `val_recall`, `val_f1` (weighted), and calibration: `temperature` (fitted on the
+validation rows, stored in that epoch's checkpoint as `calibration.json`), `val_ece` before and
+`val_ece_calibrated` after it, `val_loss_calibrated`; each curve ends at the last epoch. Once
 training ends, the best epoch's values (those of the checkpoint the run holds) are logged under
 their own keys, `best_val_loss`, `best_val_f1`, ... (`tagger.runs` ranks runs by them); the tags
 `best_epoch`, `train_seconds` and `loop_seconds` say which epoch that was and how long it took. The run is named
@@ -38,7 +40,8 @@ from tagger.errors import DatasetError, TrainConfigError, TrainingError
 from tagger.records import dataset_name, encoder_name, log_dataset, plural, set_note, short_number, train_run_name
 from tagger.sessions import absolute_tracking_uri, experiment_for_run, open_run, ray_session
 
-VAL_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
+VAL_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_ece", "val_ece_calibrated",
+               "val_loss_calibrated", "temperature")
 FAULT_ENV = "TAGGER_FAIL_ONCE_AT_EPOCH"  # tests: rank 0 exits once at this (0-based) epoch, to exercise recovery
 
 
@@ -252,7 +255,9 @@ def describe_result(summary: dict[str, Any], config: TrainConfig, train_seconds:
     return (
         f"Best epoch {epoch + 1} of {config.num_epochs} (step {epoch} in the charts): val_loss {best['val_loss']:.4f}, "
         f"val_f1 {best['val_f1']:.4f} (metrics `{BEST_PREFIX}*`), its checkpoint in artifacts "
-        f"`{CHECKPOINT_ARTIFACT}/`; trained in {train_seconds / 60:.1f} min.{recovery}"
+        f"`{CHECKPOINT_ARTIFACT}/`; trained in {train_seconds / 60:.1f} min.{recovery} "
+        f"Calibrated with temperature {best['temperature']:.3f} (fitted on the validation rows, in "
+        f"`{CHECKPOINT_ARTIFACT}/calibration.json`): val ECE {best['val_ece']:.4f} -> {best['val_ece_calibrated']:.4f}."
     )
 
 
@@ -302,8 +307,8 @@ def train(
     best = summary["best"]
     print(
         f"Run {run_name}: best epoch {summary['best_epoch'] + 1}/{config.num_epochs} "
-        f"val_loss={best['val_loss']:.4f} val_f1={best['val_f1']:.4f}, "
-        f"trained in {train_seconds / 60:.2f} min; checkpoint logged under '{CHECKPOINT_ARTIFACT}/'"
+        f"val_loss={best['val_loss']:.4f} val_f1={best['val_f1']:.4f}, temperature={best['temperature']:.3f} "
+        f"(val ECE {best['val_ece']:.4f} -> {best['val_ece_calibrated']:.4f}), trained in {train_seconds / 60:.2f} min; checkpoint logged under '{CHECKPOINT_ARTIFACT}/'"
     )
     return TrainResult(
         run_id=run_id,

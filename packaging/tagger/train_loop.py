@@ -2,11 +2,13 @@
 
 `train_loop_per_worker` is what the TorchTrainer runs; `run_training` is the same loop without
 Ray (tests call it directly). Each epoch: train on bucketed batches, evaluate on the validation
-rows, print one line, log the epoch's metrics to the MLflow run (rank 0) and report to Ray with a
-checkpoint. The checkpoint is the packaged layout (`model.safetensors`, `args.json`, label map)
-plus `training_state.pt` (optimizer, scheduler, epoch, history; tensors and plain values, read
-with `weights_only=True`), so that after a worker failure Ray Train restarts the loop from the
-last reported checkpoint and it goes on where it stopped. An epoch already logged to the MLflow
+rows, fit the temperature that calibrates its probabilities on them (`tagger.calibration`), print
+one line, log the epoch's metrics to the MLflow run (rank 0) and report to Ray with a checkpoint.
+The checkpoint is the packaged layout (`model.safetensors`, `args.json`, label map, and
+`calibration.json` with that epoch's temperature, so the best checkpoint carries its own) plus
+`training_state.pt` (optimizer, scheduler, epoch, history; tensors and plain values, read with
+`weights_only=True`), so that after a worker failure Ray Train restarts the loop from the last
+reported checkpoint and it goes on where it stopped. An epoch already logged to the MLflow
 run (before the failure) is not logged again.
 """
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 from torch import nn
 
 from mlflow_model.batching import batched_logits, pad_batch
-from mlflow_model.checkpoint import read_state_dict, write_checkpoint
+from mlflow_model.checkpoint import read_state_dict, write_calibration, write_checkpoint
 from mlflow_model.model import FinetunedLLM, ModelArgs
+from tagger.calibration import fit_temperature
 from tagger.metrics import scores
 
 Report = Callable[[dict[str, float], "str | None"], None]  # (metrics, checkpoint folder or None)
@@ -178,7 +181,11 @@ def mean_across_workers(value: float, world_size: int) -> float:
 
 @torch.inference_mode()
 def evaluate(model: FinetunedLLM, ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, float]:
-    """Validation loss and accuracy/weighted precision/recall/F1, through the serving batching loop."""
+    """Validation loss, accuracy/weighted precision/recall/F1 and calibration, through the serving batching loop.
+
+    Calibration: `temperature` fitted on these rows, and the ECE before (`val_ece`) and after
+    (`val_ece_calibrated`) dividing the logits by it, with the NLL after (`val_loss_calibrated`).
+    """
     model.eval()
 
     def logits_fn(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -187,9 +194,11 @@ def evaluate(model: FinetunedLLM, ids: list[list[int]], labels: list[int], pad_i
     logits = torch.from_numpy(batched_logits(logits_fn, ids, EVAL_BATCH_SIZE, pad_id))
     targets = torch.as_tensor(labels)
     measured = scores(targets.numpy(), logits.argmax(dim=1).numpy())
+    fitted = fit_temperature(logits.numpy(), labels)
     return {"val_loss": float(nn.functional.cross_entropy(logits, targets))} | {
         f"val_{k}": measured[k] for k in ("accuracy", "precision", "recall", "f1")
-    }
+    } | {"val_ece": fitted.ece_before, "val_ece_calibrated": fitted.ece_after,
+         "val_loss_calibrated": fitted.nll_after, "temperature": fitted.temperature}
 
 
 def print_epoch(epoch: int, num_epochs: int, metrics: dict[str, float], seconds: float, improved: bool) -> None:
@@ -225,11 +234,14 @@ def epoch_logger(cfg: dict[str, Any]) -> Callable[[dict[str, float], int], None]
     return log
 
 
-def save_checkpoint(folder: str, trainee: Trainee, cfg: dict[str, Any], epoch: int, progress: Progress) -> None:
-    """The packaged layout (safetensors weights, args, label map) plus the state resuming needs."""
+def save_checkpoint(folder: str, trainee: Trainee, cfg: dict[str, Any], metrics: dict[str, float],
+                    progress: Progress) -> None:
+    """The packaged layout (weights, args, label map, the epoch's temperature) plus the state resuming needs."""
     write_checkpoint(folder, trainee.bare.state_dict(), trainee.args, cfg["class_to_index"])
+    write_calibration(folder, metrics["temperature"], fitted_on="validation split", rows=len(cfg["val_ids"]),
+                      ece_before=metrics["val_ece"], ece_after=metrics["val_ece_calibrated"])
     state = {
-        "epoch": epoch,
+        "epoch": int(metrics["epoch"]),
         "history": progress.history,
         "best_epoch": progress.best_epoch,
         "optimizer": trainee.optimizer.state_dict(),
@@ -258,7 +270,7 @@ def report_epoch(report: Report | None, metrics: dict[str, float], trainee: Trai
         report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(folder, trainee, cfg, int(metrics["epoch"]), progress)
+        save_checkpoint(folder, trainee, cfg, metrics, progress)
         report(metrics, folder)
 
 
