@@ -8,8 +8,10 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 
 from mlflow_model.engines import build_name
+from tagger.access import registry_needs, require
 from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
 from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
@@ -26,6 +28,9 @@ def trained_param(run: Run, name: str) -> str | None:
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
+    experiment = MlflowClient().get_experiment_by_name(config.experiment_name)
+    require(f"package {config.experiment_name!r} into {config.model_name!r}",
+            registry_needs(config.model_name, experiment.experiment_id if experiment else None))
     with tempfile.TemporaryDirectory() as tmp:
         # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
