@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,20 +170,22 @@ def worker_secrets() -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
-def set_environment(values: dict[str, str]) -> None:
-    """Set environment variables in this process (a Ray worker's setup hook)."""
-    os.environ.update(values)
-
-
-def secret_hook() -> functools.partial | None:
+def secret_hook() -> Callable[[], None] | None:
     """A Ray `worker_process_setup_hook` that sets the driver's credentials in each worker process (None: none).
 
     Ray stores the hook pickled in the cluster's internal store and shows only its key in the job's runtime
     env, its logs and its dashboard, so the credentials reach the workers' environment without being
-    printed; each worker sets them before it runs anything of the job.
+    printed; each worker runs it before anything of the job.
     """
     secrets = worker_secrets()
-    return functools.partial(set_environment, secrets) if secrets else None
+    if not secrets:
+        return None
+
+    def set_credentials() -> None:
+        """Set the driver's credentials as this worker's environment variables."""
+        os.environ.update(secrets)
+
+    return set_credentials
 
 
 def join_cluster(address: str) -> None:
