@@ -10,7 +10,6 @@ errors and how Ray workers get their credentials.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import secrets
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pytest
 from helpers import ROOT, build_tiny_encoder, mlflow_store, write_tiny_csv
 from leaks import basic_auth_forms, found_in_files, found_in_text, record_texts
@@ -40,7 +40,8 @@ def refused(endpoint: str, status: int) -> MlflowException:
     """The MlflowException MLflow's REST client raises when the server refuses a request."""
     body = "Permission denied" if status == 403 else "You are not authenticated."
     return MlflowException(f"API request to endpoint {endpoint} failed with error code {status} != 200. "
-                           f"Response body: '{body}'", error_code=PERMISSION_DENIED if status == 403 else UNAUTHENTICATED)
+                           f"Response body: '{body}'",
+                           error_code=PERMISSION_DENIED if status == 403 else UNAUTHENTICATED)
 
 
 # ----------------------------------------------------------------------------------- quick checks
@@ -93,11 +94,14 @@ def test_workers_get_credentials_from_a_setup_hook_not_the_runtime_envs_variable
     env = worker_environment()
     assert env["AWS_ACCESS_KEY_ID"] == "key-id"  # not a secret: shown in the runtime env like the URI
     assert not {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME"} & set(env)
+    from ray import cloudpickle
+
     hook = secret_hook()
-    assert isinstance(hook, functools.partial)  # pickled by reference to tagger.sessions.set_environment
+    assert hook.__name__ == "set_credentials"  # Ray names the hook in its error messages
+    shipped = cloudpickle.loads(cloudpickle.dumps(hook))  # as Ray stores it and a worker loads it
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
-    hook()  # what each worker process runs before the job's code
+    shipped()  # what each worker process runs before the job's code
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == READER_PASSWORD and os.environ["MLFLOW_TRACKING_USERNAME"] == "ci"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == "aws-secret"
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
@@ -118,7 +122,8 @@ class AuthStack:
     logs: Path
     outputs: list[str] = field(default_factory=list)
 
-    def run(self, user: str | None, password: str | None, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def run(self, user: str | None, password: str | None, *args: str,
+            timeout: float = 600) -> subprocess.CompletedProcess:
         """`python -m tagger ARGS` as `user` (None: no credentials), from the project folder; output kept."""
         env = services.base_environment() | {
             "PATH": f"{services.BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
@@ -133,6 +138,21 @@ class AuthStack:
                                 text=True, timeout=timeout)
         self.outputs += [result.stdout, result.stderr]
         return result
+
+    def job_runtime_envs(self) -> str:
+        """The runtime env of every job the cluster knows (what its dashboard and `ray list jobs` show)."""
+        script = (
+            "import ray; from tagger.sessions import use_ray_token_auth; use_ray_token_auth(); "
+            f"ray.init(address={self.ray.address!r}, logging_level='error'); "
+            "infos = ray._private.worker.global_worker.gcs_client.get_all_job_info(); "
+            "print('\\n'.join(i.config.runtime_env_info.serialized_runtime_env for i in infos.values()))"
+        )
+        token = Path.home() / ".ray" / "auth_token"
+        env = services.base_environment() | ({"RAY_AUTH_TOKEN_PATH": str(token)} if token.is_file() else {})
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, output_of(result)
+        return result.stdout
 
     def admin(self, *args: str) -> subprocess.CompletedProcess:
         """A tagger command as the admin, with --verbose."""
@@ -194,8 +214,7 @@ def test_a_read_only_user_is_refused_at_promote_and_the_champion_stays_while_the
     admin = get_app_client("basic-auth", tracking_uri=auth.server.url)
     admin.create_user("reader", READER_PASSWORD)
     admin.grant_user_permission("reader", resource_type="registered_model", resource_id="tagger", permission="READ")
-    first = client.get_model_version("tagger", "1")
-    second = client.create_model_version("tagger", first.source, run_id=first.run_id)  # a challenger
+    second = client.copy_model_version("models:/tagger/1", "tagger")  # a challenger
     experiment = client.get_experiment_by_name("auth").experiment_id
     runs_before = len(client.search_runs([experiment]))
 
@@ -237,12 +256,15 @@ def test_no_password_in_any_record_artifact_or_log_of_the_whole_run(auth, monkey
     predicted = auth.admin("predict", "--title", "bert text", "--description", "language model")
     assert predicted.returncode == 0 and '"prediction"' in predicted.stdout, output_of(predicted)
     client = auth.client(monkeypatch)
-    model = Path(client.download_artifacts(client.get_model_version("tagger", "1").run_id, "",
-                                           str(auth.data / "downloaded")))
-    assert (auth.data / "downloaded").is_dir() and list(model.rglob("MLmodel"))  # the model's files, MLmodel
+    with mlflow_store(auth.server.url):  # the champion's files as a user downloads them, MLmodel included
+        model = Path(mlflow.artifacts.download_artifacts("models:/tagger@champion", dst_path=str(auth.data / "model")))
+    assert (model / "MLmodel").is_file()
     secrets_ = (basic_auth_forms(auth.server.admin, ADMIN_PASSWORD) + basic_auth_forms("reader", READER_PASSWORD)
                 + [auth.server.secret_key])
+    jobs = auth.job_runtime_envs()
+    assert "worker_process_setup_hook" in jobs, jobs  # the cluster's job info, as its dashboard shows it
     texts = record_texts(client) + [(f"command output #{i}", text) for i, text in enumerate(auth.outputs)]
+    texts.append(("the cluster's job info", jobs))
     # the server's folder: its tracking store (runs, params, tags, descriptions), the artifacts (every model
     # file) and the auth database, which keeps password hashes only; Ray's session logs of the cluster, the
     # server's log and the downloads
