@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from helpers import ROOT, build_tiny_encoder, mlflow_store, write_tiny_csv
 from leaks import basic_auth_forms, found_in_files, found_in_text, record_texts
 from mlflow.exceptions import MlflowException
@@ -44,6 +45,13 @@ def refused(endpoint: str, status: int) -> MlflowException:
                            error_code=PERMISSION_DENIED if status == 403 else UNAUTHENTICATED)
 
 
+def http_error(method: str, url: str, status: int) -> requests.HTTPError:
+    """The HTTPError MLflow's artifact client raises when the server refuses an up- or download."""
+    response = requests.Response()
+    response.status_code, response.request = status, requests.Request(method, url).prepare()
+    return requests.HTTPError(f"{status} Client Error", response=response)
+
+
 # ----------------------------------------------------------------------------------- quick checks
 
 
@@ -58,6 +66,8 @@ def test_a_refused_request_becomes_one_line_naming_user_action_and_permission(mo
         read = access_error(refused("/api/2.0/mlflow/registered-models/get", 403), "predict",
                             {"model_uri": "models:/tagger@champion"})
         login = access_error(refused("/api/2.0/mlflow/experiments/get-by-name", 401), "package", {})
+        upload = access_error(http_error("PUT", "http://127.0.0.1:5999/api/2.0/mlflow-artifacts/artifacts/1/x", 403),
+                              "package", {"experiment_name": "team"})
         assert access_error(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"), "package", {}) is None
     assert isinstance(alias, PermissionDeniedError) and isinstance(login, AuthenticationError)
     assert alias.message == ("user 'reader' may not promote 'tagger': needs EDIT on the registered model 'tagger' "
@@ -68,7 +78,9 @@ def test_a_refused_request_becomes_one_line_naming_user_action_and_permission(mo
                                    "registered model 'tagger'")
     assert login.message == ("the tracking server at http://127.0.0.1:5999 refused user 'reader': wrong username or "
                              f"password ({CREDENTIALS_HINT})")
-    assert all(READER_PASSWORD not in error.message for error in (alias, run, read, login))
+    assert upload.message == ("user 'reader' may not package 'team' into 'tagger': needs EDIT on the experiment "
+                              "'team' (the server refused PUT /api/2.0/mlflow-artifacts/artifacts/1/x)")
+    assert all(READER_PASSWORD not in error.message for error in (alias, run, read, login, upload))
 
 
 def test_the_user_is_the_one_mlflow_sends_from_the_environment_or_its_credentials_file(tmp_path, monkeypatch):

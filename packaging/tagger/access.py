@@ -36,8 +36,8 @@ REFUSED = re.compile(r"endpoint (\S+) failed with error code (401|403)")
 # REST endpoints whose 403 means a missing EDIT (MLflow 3.17's BEFORE_REQUEST_HANDLERS: runs, their
 # artifacts and logged models need EDIT on the experiment; versions, tags, stages and aliases need EDIT
 # on the registered model); any other refused request needed READ.
-WRITES = ("/create", "/update", "/delete", "/set-tag", "/delete-tag", "/log-", "/outputs", "/transition-stage",
-          "/alias", "/rename", "/restore", "/finalize")
+WRITES = ("/create", "/update", "/delete", "/set-tag", "/delete-tag", "/outputs", "/transition-stage", "/alias",
+          "/rename", "/restore", "/finalize")
 ACTIONS = {  # command -> what the user tried, from the command's options
     "train": "train in experiment {experiment}", "sweep": "run a sweep in experiment {experiment}",
     "package": "package {experiment} into {model}", "promote": "promote {model}", "evaluate": "evaluate {uri}",
