@@ -190,6 +190,44 @@ def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_d
 
 
 @dataclass
+class AuthServer:
+    """A running `mlflow server --app-name basic-auth`: its URL, admin account and the files it keeps."""
+
+    url: str
+    admin: str
+    admin_password: str
+    secret_key: str  # MLFLOW_FLASK_SERVER_SECRET_KEY
+    folder: Path  # mlflow.db (tracking + registry), auth.db (users, password hashes, permissions), artifacts/
+    log: Path
+
+
+@contextlib.contextmanager
+def auth_mlflow_server(folder: Path, admin_password: str, log_dir: Path) -> Iterator[AuthServer]:
+    """A real `mlflow server --app-name basic-auth` on 127.0.0.1: sqlite tracking store and auth database in
+    `folder`, proxied artifacts in folder/artifacts, a random Flask secret key; the admin's password comes
+    from the environment (MLFLOW_AUTH_ADMIN_PASSWORD), so the ini file holds no secret."""
+    import secrets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ini = folder / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    key = secrets.token_hex(16)
+    env = base_environment() | {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
+                                "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}
+    port = free_port()
+    command = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+               str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = log_dir / "mlflow-auth-server.log"
+    with http_service(command, port, "/health", "mlflow server --app-name basic-auth", log, 240, env=env) as url:
+        yield AuthServer(url, "admin", admin_password, key, folder, log)
+
+
+@dataclass
 class RayCluster:
     """A running `ray start --head`: its address as `ray start` printed it, and its temp dir."""
 

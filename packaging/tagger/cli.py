@@ -50,17 +50,26 @@ def configure_output(verbose: bool) -> None:
 
 
 class TaggerCommand(click.Command):
-    """A command that first checks that the MLflow tracking server answers (MLflow itself retries for minutes)."""
+    """A command that first checks that the MLflow tracking server answers (MLflow itself retries for minutes),
+    and reports a request the server refused (wrong password, missing permission) as one line."""
 
     own_store = ("quickstart", "keygen")  # commands that set up their own local store, or need none
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Check the tracking server (a one-line ServiceError naming it), then run the command."""
+        """Check the tracking server (a one-line ServiceError naming it), then run the command; a 401 or 403
+        becomes an AuthenticationError or PermissionDeniedError naming the user, action and permission."""
+        from tagger.access import access_error
         from tagger.sessions import check_tracking_server
 
         if self.name not in self.own_store:
             check_tracking_server()
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            refused = access_error(error, self.name, ctx.params)
+            if refused is None or refused is error:
+                raise
+            raise refused from None  # the raw error names only the endpoint; the chain is not shown
 
 
 class TaggerGroup(click.Group):

@@ -6,12 +6,12 @@ The served model's own errors (bad input, config, checkpoint and integrity, buil
 from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, UNAUTHENTICATED
 
 from mlflow_model.errors import BuildError, TaggerError
 
 __all__ = [
-    "BuildError", "DatasetError", "OptionError", "PromotionRefused", "RunSelectionError", "ServiceError",
+    "AuthenticationError", "BuildError", "DatasetError", "OptionError", "PermissionDeniedError", "PromotionRefused", "RunSelectionError", "ServiceError",
     "TrainConfigError", "TrainingError", "one_line",
 ]
 
@@ -44,6 +44,18 @@ class TrainingError(TaggerError):
 
 class ServiceError(TaggerError):
     """A tracking server or Ray cluster cannot be reached or joined, or a job on it lost or duplicated rows."""
+
+
+class AuthenticationError(TaggerError):
+    """The tracking server does not know the user or password it was sent (HTTP 401)."""
+
+    error_code = UNAUTHENTICATED
+
+
+class PermissionDeniedError(TaggerError):
+    """The tracking server knows the user, who lacks the permission an action needs (HTTP 403)."""
+
+    error_code = PERMISSION_DENIED
 
 
 def one_line(error: BaseException) -> str:

@@ -10,6 +10,7 @@ from mlflow.entities import RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from tagger.access import registry_needs, require
 from tagger.config import CHAMPION_ALIAS, PRODUCTION_STAGE, EvaluateConfig
 from tagger.errors import PromotionRefused, one_line
 from tagger.evaluate import evaluate_model, experiment_of
@@ -157,6 +158,7 @@ def gated_promote(
     version = str(version or newest_version(name))
     previous = champion_version(name)
     experiment = experiment_of(MlflowClient().get_model_version(name, version))
+    require(f"promote {name!r}", registry_needs(name, experiment))  # before any evaluation or run
     with mlflow.start_run(experiment_id=experiment, nested=mlflow.active_run() is not None) as run:
         decision = compare(name, version, dataset_loc, force, config) if dataset_loc else None
         if decision is not None:

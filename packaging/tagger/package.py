@@ -8,11 +8,13 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import write_calibration
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
 from mlflow_model.engines import build_name
 from mlflow_model.signature import FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, fingerprint
+from tagger.access import registry_needs, require
 from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
 from tagger.calibration import calibration_choice, packaged_temperature
@@ -66,6 +68,9 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
     key = fingerprint(public_key_of(config.signing_key)) if config.signing_key else None  # a bad key fails first
     calibration_choice(config.temperature, config.calibration_dataset)  # a bad option fails before any download
+    experiment = MlflowClient().get_experiment_by_name(config.experiment_name)
+    require(f"package {config.experiment_name!r} into {config.model_name!r}",
+            registry_needs(config.model_name, experiment.experiment_id if experiment else None))
     with tempfile.TemporaryDirectory() as tmp:
         # config.run_id, else the best run whose checkpoint downloads (runs skipped are printed with the reason)
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")

@@ -286,7 +286,8 @@ def serve_config(config: ServeConfig) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": BUILDER_IMPORT_PATH,
             "args": args,
-            # the nodes need tagger and mlflow_model importable (installed, or add py_modules here)
+            # the nodes need tagger and mlflow_model importable (installed, or add py_modules here), and the
+            # credentials in their own environment: a file is no place for a password
             "runtime_env": {"env_vars": worker_environment()},
         }],
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,11 +22,11 @@ from tagger.errors import ServiceError, one_line
 RUNTIME_PACKAGE = Path(mlflow_model.__file__).resolve().parent
 BUILD_PACKAGE = Path(tagger.__file__).resolve().parent
 DEFAULT_EXPERIMENT = "tagger"  # train's experiment when none is named and no `mlflow run` names one
-# Driver settings that Ray workers of a joined cluster get through the runtime env (plus every AWS_*).
-WORKER_VARIABLES = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS",
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-)
+# Driver settings that Ray workers of a joined cluster get through the runtime env (plus every AWS_* but
+# the secret ones). Ray shows a runtime env's env_vars in its job info (dashboard, `ray list jobs`) and
+# logs them (runtime_env_agent.log), so secrets go another way: see secret_hook.
+WORKER_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS")
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 CONNECT_TIMEOUT_S = 10.0  # an unreachable tracking server or Ray cluster is reported after this
 
@@ -152,10 +152,40 @@ def use_ray_token_auth() -> None:
 
 
 def worker_environment() -> dict[str, str]:
-    """The driver's MLflow and S3 settings, for workers of a cluster that was started without them."""
-    env = {k: v for k, v in os.environ.items() if k in WORKER_VARIABLES or k.startswith("AWS_")}
+    """The driver's MLflow and S3 settings but no secret, for workers of a cluster that was started without them."""
+    env = {k: v for k, v in os.environ.items()
+           if (k in WORKER_VARIABLES or k.startswith("AWS_")) and k not in SECRET_VARIABLES}
     env["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(mlflow.get_tracking_uri())
     return env
+
+
+def worker_secrets() -> dict[str, str]:
+    """The driver's credentials: the MLflow user and password as MLflow finds them (environment, else
+    ~/.mlflow/credentials), its token and the secret AWS variables."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    user, password = read_mlflow_creds()
+    found = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+    found |= {k: os.environ.get(k) for k in SECRET_VARIABLES if k not in found}
+    return {k: v for k, v in found.items() if v}
+
+
+def secret_hook() -> Callable[[], None] | None:
+    """A Ray `worker_process_setup_hook` that sets the driver's credentials in each worker process (None: none).
+
+    Ray stores the hook pickled in the cluster's internal store and shows only its key in the job's runtime
+    env, its logs and its dashboard, so the credentials reach the workers' environment without being
+    printed; each worker runs it before anything of the job.
+    """
+    secrets = worker_secrets()
+    if not secrets:
+        return None
+
+    def set_credentials() -> None:
+        """Set the driver's credentials as this worker's environment variables."""
+        os.environ.update(secrets)
+
+    return set_credentials
 
 
 def join_cluster(address: str) -> None:
@@ -167,6 +197,9 @@ def join_cluster(address: str) -> None:
         check_reachable(f"Ray cluster at {address}", host.strip("[]"), int(port))
     use_ray_token_auth()
     runtime_env = {"py_modules": [str(RUNTIME_PACKAGE), str(BUILD_PACKAGE)], "env_vars": worker_environment()}
+    hook = secret_hook()
+    if hook is not None:
+        runtime_env["worker_process_setup_hook"] = hook
     try:
         ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
     except Exception as error:  # ConnectionError, auth errors, a version mismatch: one line naming the cluster
