@@ -18,6 +18,17 @@ def basic_auth_forms(user: str, password: str) -> list[str]:
     return [password, base64.b64encode(f"{user}:{password}".encode()).decode()]
 
 
+def private_key_forms(path: Path) -> list[bytes]:
+    """A PEM private key as it could leak: each line of its base64 body and the raw private number's bytes."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = path.read_bytes()
+    lines = [line for line in pem.splitlines() if line and not line.startswith(b"-----")]
+    key = serialization.load_pem_private_key(pem, password=None)
+    number = key.private_numbers().private_value
+    return lines + [number.to_bytes((number.bit_length() + 7) // 8, "big")]
+
+
 def _as_bytes(secret: str | bytes) -> bytes:
     """A secret as the bytes a file would hold."""
     return secret if isinstance(secret, bytes) else secret.encode()

@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import requests
 from helpers import ROOT, build_tiny_encoder, mlflow_store, write_tiny_csv
-from leaks import basic_auth_forms, found_in_files, found_in_text, record_texts
+from leaks import basic_auth_forms, found_in_files, found_in_text, private_key_forms, record_texts
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 from mlflow.tracking import MlflowClient
@@ -30,6 +30,7 @@ import services
 from tagger.access import access_error, tracking_user
 from tagger.errors import AuthenticationError, PermissionDeniedError
 from tagger.sessions import secret_hook, worker_environment
+from tagger.signing import generate_key_pair
 
 # Distinctive, fresh for each session: any occurrence outside the server's memory is a leak.
 ADMIN_PASSWORD = f"tagger-admin-pw-{secrets.token_hex(8)}"
@@ -132,6 +133,7 @@ class AuthStack:
     ray: services.RayCluster
     data: Path
     logs: Path
+    signing_key: Path
     outputs: list[str] = field(default_factory=list)
 
     def run(self, user: str | None, password: str | None, *args: str,
@@ -193,15 +195,18 @@ def auth(tmp_path_factory) -> AuthStack:
         server = running.enter_context(services.auth_mlflow_server(
             tmp_path_factory.mktemp("auth-server"), ADMIN_PASSWORD, logs))
         cluster = running.enter_context(services.ray_head(2, {}, logs))
-        stack = AuthStack(server, cluster, data, logs)
+        # CI's signing key, kept outside every folder the secret search reads (as in a secret store)
+        signing_key, _ = generate_key_pair(tmp_path_factory.mktemp("ci-secrets"))
+        stack = AuthStack(server, cluster, data, logs, signing_key)
         encoder = build_tiny_encoder(data / "encoder")
         BertModel(BertConfig.from_pretrained(encoder)).save_pretrained(encoder)
         dataset = write_tiny_csv(data / "projects.csv")
         trained = stack.admin("train", "--experiment-name", "auth", "--dataset-loc", str(dataset), "--base-model",
                               str(encoder), "--num-epochs", "1", "--batch-size", "8", "--cpu-per-worker", "1")
         assert trained.returncode == 0, output_of(trained)
-        packaged = stack.admin("package", "--experiment-name", "auth")
+        packaged = stack.admin("package", "--experiment-name", "auth", "--signing-key", str(signing_key))
         assert packaged.returncode == 0 and "Registered tagger version 1" in packaged.stdout, output_of(packaged)
+        assert "signed with the key whose fingerprint is" in packaged.stdout, output_of(packaged)
         promoted = stack.admin("promote", "--eval-dataset", str(dataset))
         assert promoted.returncode == 0, output_of(promoted)
         yield stack
@@ -264,7 +269,7 @@ def test_a_wrong_password_or_no_user_is_one_line(auth):
 
 
 @pytest.mark.slow
-def test_no_password_in_any_record_artifact_or_log_of_the_whole_run(auth, monkeypatch):
+def test_no_password_or_private_key_in_any_record_artifact_or_log_of_the_whole_run(auth, monkeypatch):
     predicted = auth.admin("predict", "--title", "bert text", "--description", "language model")
     assert predicted.returncode == 0 and '"prediction"' in predicted.stdout, output_of(predicted)
     client = auth.client(monkeypatch)
@@ -272,7 +277,7 @@ def test_no_password_in_any_record_artifact_or_log_of_the_whole_run(auth, monkey
         model = Path(mlflow.artifacts.download_artifacts("models:/tagger@champion", dst_path=str(auth.data / "model")))
     assert (model / "MLmodel").is_file()
     secrets_ = (basic_auth_forms(auth.server.admin, ADMIN_PASSWORD) + basic_auth_forms("reader", READER_PASSWORD)
-                + [auth.server.secret_key])
+                + [auth.server.secret_key] + private_key_forms(auth.signing_key))
     jobs = auth.job_runtime_envs()
     assert "worker_process_setup_hook" in jobs, jobs  # the cluster's job info, as its dashboard shows it
     texts = record_texts(client) + [(f"command output #{i}", text) for i, text in enumerate(auth.outputs)]
