@@ -18,6 +18,8 @@ MODEL_NAME = "tagger"
 CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
+ENCODER_ARTIFACT_TAG = "encoder_artifact"  # training run tag: artifact path of its own encoder folder (a student's)
+DISTILL_TAG_PREFIX = "distill."  # a student's run (and version) tags naming its teacher: distill.teacher_version, ...
 BEST_PREFIX = "best_"  # training run summary metrics: best_val_loss, ... (the best epoch's, its checkpoint's)
 # The small labelled dataset the project ships (build time only): package data of `tagger`, so it is
 # there wherever tagger is installed (a wheel is installed as plain files, so this is a real path).
@@ -81,6 +83,17 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A student distilled from a registered teacher: an ordinary training run (`train`) with fewer encoder layers."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)  # the student's training, as `tagger train` takes it
+    teacher: str = champion_uri()  # a registered version: models:/NAME@ALIAS, models:/NAME/N or models:/NAME/STAGE
+    layers: int = 3  # encoder layers of the student, initialised from evenly spaced teacher layers (the last kept)
+    alpha: float = 0.5  # weight of the teacher's soft labels in the loss; 1 - alpha: the true tags
+    temperature: float = 2.0  # teacher and student logits are divided by it before the soft-label softmax
 
 
 @dataclass(frozen=True)

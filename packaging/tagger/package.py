@@ -9,14 +9,14 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
-from mlflow_model.engines import build_name
-from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
+from mlflow_model.engines import STATIC_INT8, build_name
+from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build, training_rows
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
-from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
+from tagger.config import DISTILL_TAG_PREFIX, SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
 from tagger.registry import register_version, version_description
-from tagger.runs import ranking_value, select_checkpoint
+from tagger.runs import ranking_value, run_encoder, select_checkpoint
 
 
 def trained_param(run: Run, name: str) -> str | None:
@@ -31,7 +31,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
         source = mlflow.get_run(run_id)
         metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
-        base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
+        base_model = (config.base_model or run_encoder(source, f"{tmp}/encoder") or trained_param(source, "base_model")
+                      or default_base_model())
         predictor = config.predictor if config.trace else replace(config.predictor, forward="eager")
         trained_length = trained_param(source, "max_length")
         if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
@@ -39,7 +40,8 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
         rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
-        artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows)
+        calibration = training_rows(source.data.params) if predictor.precision == STATIC_INT8 else None
+        artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows, calibration)
         accuracy = {} if is_reference(predictor) else accuracy_change(reference, artifacts, predictor, eval_dataset)
         predictor, signature = final_settings(artifacts, predictor)
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
@@ -64,6 +66,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "num_epochs": trained_param(source, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
         **accuracy,
+        **{k: v for k, v in source.data.tags.items() if k.startswith(DISTILL_TAG_PREFIX)},  # a student's teacher
     }
     if "accuracy.dataset" in tags:  # a name, not a local path
         tags["accuracy.dataset"] = dataset_name(eval_dataset)
