@@ -80,7 +80,8 @@ def test_a_model_packaged_as_int8_before_static_int8_loads_as_int8_dynamic(refer
     with Predictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
         got = predictor.predict_proba(ROWS)
     assert got.shape == (len(ROWS), 4) and np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
-    assert PredictorConfig.from_dict({**old, "calibration_rows": 8}).precision == "int8"  # a new static one stays
+    if engine == "onnx":  # a new static one stays static
+        assert PredictorConfig.from_dict({**old, "calibration_rows": 8}).precision == "int8"
 
 
 def test_build_names_with_a_dash_in_the_precision_split_at_the_engine():
