@@ -145,7 +145,7 @@ def cli(verbose: bool) -> None:
                    f"against torch-fp32 measured and tagged. [default: {build_name('torch', 'fp32')}]")
 @setting("--trace", PackageConfig, click.BOOL,
          help="torch builds: run a TorchScript trace of the model, checked against it at packaging (fp32: shipped "
-              "in the model, so serving needs no transformers; bf16/int8: traced at load). false: run it eagerly.")
+              "in the model, so serving needs no transformers; bf16/int8-dynamic: traced at load). false: run it eagerly.")
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),

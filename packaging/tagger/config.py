@@ -51,7 +51,7 @@ class PackageConfig:
     base_model: str | None = None  # None: the encoder the run was trained with, else default_base_model()
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     trace: bool = True  # torch builds: trace the model if its trace gives its logits (the build records the path)
-    eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
+    eval_dataset: str | None = None  # labelled CSV scoring a build vs torch fp32; None: SHIPPED_DATASET
     run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
 
 
