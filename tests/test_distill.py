@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -63,7 +64,8 @@ def test_distill_trains_a_linked_student_that_packages_as_static_int8(tmp_path, 
             "--num-epochs", "1", "--batch-size", "8", "--cpu-per-worker", "1", "--max-failures", "0",
         ])
         assert result.exit_code == 0, result.output
-        run = MlflowClient().get_run(json.loads(result.output.strip().splitlines()[-1])["run_id"])
+        summary = next(line for line in result.output.splitlines() if line.startswith('{"run_id"'))  # Ray may log after
+        run = MlflowClient().get_run(json.loads(summary)["run_id"])
         tags = run.data.tags
         assert tags["distill.teacher_version"] == str(teacher.version) and tags["distill.teacher_model"] == "tagger"
         assert tags["distill.teacher_run_id"] == teacher_run and tags["distill.layers"] == "1 of 2"
@@ -79,5 +81,5 @@ def test_distill_trains_a_linked_student_that_packages_as_static_int8(tmp_path, 
         assert version.tags["distill.teacher_version"] == str(teacher.version)
         model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
         assert model.model_config["calibration_rows"] > 0  # calibrated on the run's own training rows
-        predictions = model.predict(__import__("pandas").read_csv(csv).head(5)[["title", "description"]])
+        predictions = model.predict(pd.read_csv(csv).head(5)[["title", "description"]])
         assert len(predictions) == 5 and predictions["prediction"].notna().all()
