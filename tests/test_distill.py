@@ -39,6 +39,18 @@ def test_teacher_columns_follow_the_students_label_map_and_refuse_other_tags():
         teacher_columns(teacher, {"a": 0, "b": 1, "d": 2})
 
 
+def test_distill_refuses_a_base_model_and_a_teacher_that_is_not_a_registered_version(tracking_uri):
+    from tagger.config import DistillConfig, TrainConfig
+    from tagger.distill import distill, teacher_version
+
+    with pytest.raises(OptionError, match="--base-model"):
+        distill(DistillConfig(train=TrainConfig(base_model="some-encoder")))
+    with pytest.raises(OptionError, match="registered model URI"):
+        teacher_version("runs:/abc/model")
+    with pytest.raises(OptionError, match="names no registered version"):
+        teacher_version("models:/tagger@champion")
+
+
 def test_the_distillation_loss_mixes_soft_labels_and_true_tags():
     labels, teacher = [0, 1], [[4.0, 0.0], [0.0, 4.0]]
     logits, rows = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])

@@ -133,6 +133,8 @@ def teacher_extras(
 
 def distill(config: DistillConfig, run_name: str | None = None) -> TrainResult:
     """Train a student of the teacher version on Ray Train; one ordinary training run, tagged with its teacher."""
+    if config.train.base_model:
+        raise OptionError("--base-model does not apply to distill: the student's encoder is the teacher's, with fewer layers")
     version = teacher_version(config.teacher)
     with tempfile.TemporaryDirectory(prefix="tagger-distill-") as tmp:
         teacher, encoder, teacher_run, labels = load_teacher(version, Path(tmp))
