@@ -91,6 +91,7 @@ def test_distill_trains_a_linked_student_that_packages_as_static_int8(tmp_path, 
                                                  predictor=PredictorConfig(engine="onnx", precision="int8")))
         assert version.tags["source_run_id"] == run.info.run_id
         assert version.tags["distill.teacher_version"] == str(teacher.version)
+        assert version.tags["encoder"] == run.data.params["encoder"] == f"{tiny_encoder.name}-student-L1"
         model = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
         assert model.model_config["calibration_rows"] > 0  # calibrated on the run's own training rows
         predictions = model.predict(pd.read_csv(csv).head(5)[["title", "description"]])

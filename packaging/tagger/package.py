@@ -31,8 +31,9 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
         source = mlflow.get_run(run_id)
         metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
-        base_model = (config.base_model or run_encoder(source, f"{tmp}/encoder") or trained_param(source, "base_model")
-                      or default_base_model())
+        own_encoder = None if config.base_model else run_encoder(source, f"{tmp}/encoder")  # a student's
+        base_model = config.base_model or own_encoder or trained_param(source, "base_model") or default_base_model()
+        encoder = (own_encoder and trained_param(source, "encoder")) or encoder_name(base_model)
         predictor = config.predictor if config.trace else replace(config.predictor, forward="eager")
         trained_length = trained_param(source, "max_length")
         if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
@@ -48,7 +49,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
             mlflow.log_params({"source_run_id": run_id, "selection": f"{config.metric} {config.mode}",
-                               "encoder": encoder_name(base_model)}
+                               "encoder": encoder}
                               | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
         info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
                           metadata={"source_run_id": run_id, **accuracy})
@@ -62,7 +63,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "precision": predictor.precision,
         "forward": predictor.forward,
         "training_run": source.info.run_name,
-        "encoder": encoder_name(base_model),
+        "encoder": encoder,
         "num_epochs": trained_param(source, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
         **accuracy,
@@ -75,6 +76,6 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"the best of experiment `{config.experiment_name}` by {config.metric} {config.mode}; "
         f"packaged from its checkpoint at `{checkpoint_path or '/'}`",
         f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
-        f"encoder {encoder_name(base_model)}",
+        f"encoder {encoder}",
     ])
     return register_version(info.model_uri, config.model_name, tags, description, info.model_id)
