@@ -5,11 +5,14 @@
 
 Which build to ship depends on the CPU it runs on: this script answers that for yours. From the
 registered model's checkpoint it makes every build of the engine registry (`mlflow_model.engines`:
-torch-fp32, torch-bf16, torch-int8, onnx-fp32, onnx-int8) as `tagger package` makes it, plus
-torch-fp32 run eagerly (what the shipped trace gains), and measures them in the same run:
+torch-fp32, torch-bf16, torch-int8-dynamic, onnx-fp32, onnx-int8 (static), onnx-int8-dynamic) as
+`tagger package` makes it (static int8 calibrated on 256 rows of --csv), plus torch-fp32 run eagerly
+(what the shipped trace gains), and, with --student-uri, the --student-builds of a distilled
+student (`tagger distill`), and measures them in the same run:
 - in process, through the predictor the served model runs: rows/s over --csv (best of --repeats),
   single-row latency (median), weighted F1 on --holdout-csv, and its change and the largest
-  probability difference against torch-fp32;
+  probability difference against the teacher's torch-fp32; `batch dp`: the largest probability
+  difference between a holdout row predicted alone and inside a batch of 64 holdout rows;
 - the fp32 floor: this CPU's fp32 matmul rate on the model's own matrix shapes divided by the
   FLOPs of one row, what a perfect fp32 engine would reach ("x floor" compares each build with it);
 - a plain Ray Data pipeline over the same rows (from_pandas -> map_batches(preprocess) ->
@@ -41,6 +44,7 @@ import pandas as pd
 from mlflow_model.batching import pad_batch
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, PredictorConfig
 from mlflow_model.engines import ENGINES, build_name, build_names
+from mlflow_model.engines.torch_engine import cpu_has_native_bf16
 from mlflow_model.errors import BuildError
 from mlflow_model.predictor import Predictor
 from mlflow_model.preprocess import INPUT_COLUMNS, prepare_texts, tokenize
@@ -50,6 +54,8 @@ from tagger.builds import make_build
 from tagger.metrics import scores
 
 REFERENCE = build_name("torch", "fp32")
+STUDENT = "student "  # prefix of a distilled student's builds
+CALIBRATION_ROWS = 256  # rows of --csv a static int8 build is calibrated on (as `tagger package` takes training rows)
 
 
 @dataclass(frozen=True)
@@ -69,22 +75,32 @@ def reference_artifacts(model_uri: str, folder: Path) -> tuple[dict[str, str], P
     return artifacts, PredictorConfig.from_dict(config)
 
 
-def make_builds(reference: dict[str, str], base: PredictorConfig, folder: Path, rows: pd.DataFrame) -> list[Build]:
-    """Every build of the registry, each made from the reference files as `package` makes it."""
-    base = replace(base, engine="torch", precision="fp32", forward=None, max_request_rows=None)
+def make_builds(
+    reference: dict[str, str], base: PredictorConfig, folder: Path, rows: pd.DataFrame,
+    calibration: pd.DataFrame | None = None, names: list[str] | None = None, prefix: str = "",
+) -> list[Build]:
+    """Every build of the registry (or those named), each made from the reference files as `package` makes it."""
+    base = replace(base, engine="torch", precision="fp32", forward=None, max_request_rows=None, calibration_rows=None)
     builds = []
     for engine, spec in ENGINES.items():
         for precision in spec.precisions:
             name = build_name(engine, precision)
-            staged = {key: str(shutil.copytree(path, folder / name / "staged" / key)) for key, path in reference.items()}
-            try:
-                artifacts, config = make_build(staged, folder / name / "build", replace(base, engine=engine,
-                                                                                       precision=precision), rows)
-            except BuildError as error:  # packaging would refuse it too: report it, measure the others
-                print(f"{name} not measured: {error.message}")
+            if names is not None and name not in names:
                 continue
-            builds.append(Build(name, artifacts, config))
-    builds.insert(1, eager(replace(builds[0], name=f"{REFERENCE} eager")))  # what the trace gains
+            if precision == "bf16" and not cpu_has_native_bf16():  # emulated: slower than fp32, exceeds the timeout
+                print(f"{prefix}{name} not measured: this CPU has no native bf16 (it would run emulated)")
+                continue
+            slug = f"{prefix}{name}".replace(" ", "-")
+            staged = {key: str(shutil.copytree(path, folder / slug / "staged" / key)) for key, path in reference.items()}
+            try:
+                artifacts, config = make_build(staged, folder / slug / "build", replace(base, engine=engine,
+                                               precision=precision), rows, calibration)
+            except BuildError as error:  # packaging would refuse it too: report it, measure the others
+                print(f"{prefix}{name} not measured: {error.message}")
+                continue
+            builds.append(Build(f"{prefix}{name}", artifacts, config))
+    if names is None:
+        builds.insert(1, eager(replace(builds[0], name=f"{REFERENCE} eager")))  # what the trace gains
     return builds
 
 
@@ -119,14 +135,21 @@ def single_row_ms(predictor: Predictor, frame: pd.DataFrame, count: int = 100) -
     return float(np.median(times)) * 1e3
 
 
+def batch_dependence(predictor: Predictor, rows: pd.DataFrame) -> float:
+    """Largest probability difference between each row predicted alone and inside one batch of all the rows."""
+    alone = np.vstack([predictor.predict_proba(rows.iloc[[i]]) for i in range(len(rows))])
+    return float(np.abs(alone - predictor.predict_proba(rows, params={"batch_size": len(rows)})).max())
+
+
 def measure_in_process(build: Build, frame: pd.DataFrame, holdout: pd.DataFrame | None, repeats: int) -> dict:
-    """Throughput, single-row latency, holdout probabilities and F1 of one build, in this process."""
+    """Throughput, single-row latency, holdout probabilities, F1 and batch dependence of one build, in this process."""
     with load(build) as predictor:
         result = {"rows_per_s": best_rate(predictor, frame, repeats), "single_row_ms": single_row_ms(predictor, frame)}
         if holdout is not None:
             result["probabilities"] = predictor.predict_proba(holdout[list(INPUT_COLUMNS)])
             predicted = [predictor.index_to_class[i] for i in result["probabilities"].argmax(axis=1)]
             result["f1"] = scores(holdout["tag"], predicted)["f1"]
+            result["batch_dp"] = batch_dependence(predictor, holdout[list(INPUT_COLUMNS)].head(64))
     return result
 
 
@@ -172,6 +195,36 @@ def fp32_floor(reference: Build, frame: pd.DataFrame) -> dict[str, float]:
         rows = int(predictor.config.batch_size * mean_tokens)
         rate = max(matmul_rate(model.llm.config, rows), matmul_rate(model.llm.config, rows))
     return {"rows_per_s": rate / flops, "flops_per_row": flops, "mean_tokens": mean_tokens, "matmul_gflops": rate / 1e9}
+
+
+def interleaved_rates(builds: list[Build], frame: pd.DataFrame, floor: dict[str, float], rounds: int) -> dict[str, float]:
+    """Throughput again, every build and the floor's matmul rate taking turns, `rounds` times: each keeps its best.
+
+    On a shared machine, load comes and goes within minutes; measured one after the other, a build that
+    happens to run during a busy spell looks slow. Taking turns gives each the same chances.
+    """
+    from transformers import AutoConfig
+
+    if rounds < 1:
+        return {}
+    config = AutoConfig.from_pretrained(builds[0].artifacts[ENCODER_ARTIFACT])
+    rows = int(builds[0].config.batch_size * floor["mean_tokens"])
+    rates: dict[str, float] = {}
+    predictors = {build.name: load(build) for build in builds}
+    try:
+        for predictor in predictors.values():
+            predictor.predict(frame.head(predictor.config.batch_size))  # warm-up
+        for _ in range(rounds):
+            floor["matmul_gflops"] = max(floor["matmul_gflops"], matmul_rate(config, rows) / 1e9)
+            for name, predictor in predictors.items():
+                started = time.perf_counter()
+                predictor.predict(frame)
+                rates[name] = max(rates.get(name, 0.0), len(frame) / (time.perf_counter() - started))
+    finally:
+        for predictor in predictors.values():
+            predictor.close()
+    floor["rows_per_s"] = floor["matmul_gflops"] * 1e9 / floor["flops_per_row"]
+    return rates
 
 
 def pipeline_predictions(predictor: Predictor, dataset: Any) -> list:
@@ -270,16 +323,16 @@ def markdown(rows: list[dict[str, Any]], served: dict[str, Any], clients: int) -
         value = row.get(key)
         return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
-    head = ["path", "rows/s", "x floor", "1 row ms", "F1", "F1 change", "max dp", "served p50 ms", "served p99 ms",
-            f"rows/s @{clients}", "ready s", "RSS MB"]
+    head = ["path", "rows/s", "x floor", "1 row ms", "F1", "F1 change", "max dp", "batch dp", "served p50 ms",
+            "served p99 ms", f"rows/s @{clients}", "ready s", "RSS MB"]
     keys = [("rows_per_s", ".0f"), ("x_floor", ".2f"), ("single_row_ms", ".1f"), ("f1", ".3f"), ("f1_change", "+.3f"),
-            ("max_dp", ".1e"), ("served_p50_ms", ".1f"), ("served_p99_ms", ".1f"), ("served_rows_per_s", ".0f"),
+            ("max_dp", ".1e"), ("batch_dp", ".1e"), ("served_p50_ms", ".1f"), ("served_p99_ms", ".1f"), ("served_rows_per_s", ".0f"),
             ("ready_s", ".1f"), ("rss_mb", ".0f")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([row["path"]] + [cell(row, k, s) for k, s in keys]) + " |" for row in rows]
     if NOOP_LABEL in served:
         noop = served[NOOP_LABEL]
-        lines.append(f"| do-nothing pyfunc (same server) | | | | | | | {noop['load']['1']['p50_ms']:.1f} | "
+        lines.append(f"| do-nothing pyfunc (same server) | | | | | | | | {noop['load']['1']['p50_ms']:.1f} | "
                      f"{noop['load']['1']['p99_ms']:.1f} | {noop['load'][str(clients)]['rows_per_s']:.0f} | "
                      f"{noop['ready_s']:.1f} | {noop['worker_rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -289,22 +342,30 @@ def goals(rows: list[dict[str, Any]], served: dict[str, Any]) -> dict[str, bool]
     """What a build should reach on a CPU, checked on this run's figures (PASS/FAIL per goal).
 
     In process: the reference within 0.85x of the fp32 floor (little overhead around the matrix
-    products), and the fastest build at 2x the floor with its weighted F1 within 0.01 of the
-    reference's. Served: the fastest build's 1-client p50 within 2.5x the do-nothing server's; the
-    reference ready within 3 s of the do-nothing server and under 450 MB of worker RSS; each ONNX
-    build (no torch in the server) ready within 1.5 s of it and within 150 MB of its RSS.
+    products); the fastest build (teacher or student) whose holdout F1 is within 0.01 of the
+    teacher's torch fp32 at 2x the floor; the fastest int8 build of the teacher at 1.6x the floor
+    with batch-independent answers (1e-4). Served: the fastest build's 1-client p50 within 2.0x the
+    do-nothing server's; the reference ready within 3 s of the do-nothing server and under 450 MB
+    of worker RSS; each ONNX build (no torch in the server) ready within 1.5 s of it and within
+    150 MB of its RSS.
     """
-    builds = {row["path"]: row for row in rows if row["path"] in set(build_names())}
-    fastest = max(builds.values(), key=lambda row: row["rows_per_s"])
+    builds = {row["path"]: row for row in rows if row["path"].removeprefix(STUDENT) in set(build_names())}
+    keeping = [row for row in builds.values() if abs(row.get("f1_change", 0.0)) <= 0.01]
+    fastest = max(keeping or builds.values(), key=lambda row: row["rows_per_s"])
     checks = {
         f"{REFERENCE} >= 0.85x floor": builds[REFERENCE]["x_floor"] >= 0.85,
-        f"fastest ({fastest['path']}) >= 2.0x floor": fastest["x_floor"] >= 2.0,
+        f"fastest within 0.01 F1 ({fastest['path']}) >= 2.0x floor": fastest["x_floor"] >= 2.0,
     }
     if "f1_change" in fastest:  # measured with --holdout-csv
         checks[f"fastest ({fastest['path']}) F1 within 0.01 of {REFERENCE}"] = abs(fastest["f1_change"]) <= 0.01
+    int8 = [row for name, row in builds.items() if "int8" in name and not name.startswith(STUDENT)]
+    if int8:
+        best = max(int8, key=lambda row: row["rows_per_s"] if row.get("batch_dp", 0.0) <= 1e-4 else 0.0)
+        checks[f"fastest batch-independent int8 teacher build ({best['path']}) >= 1.6x floor"] = (
+            best["x_floor"] >= 1.6 and best.get("batch_dp", 0.0) <= 1e-4)
     if NOOP_LABEL in served and "served_p50_ms" in fastest:
         noop = served[NOOP_LABEL]
-        checks["fastest served p50 <= 2.5x do-nothing"] = fastest["served_p50_ms"] <= 2.5 * noop["load"]["1"]["p50_ms"]
+        checks["fastest served p50 <= 2.0x do-nothing"] = fastest["served_p50_ms"] <= 2.0 * noop["load"]["1"]["p50_ms"]
         if "ready_s" in builds[REFERENCE]:
             checks[f"{REFERENCE} ready <= do-nothing + 3 s"] = builds[REFERENCE]["ready_s"] <= noop["ready_s"] + 3
             checks[f"{REFERENCE} RSS <= 450 MB"] = builds[REFERENCE]["rss_mb"] <= 450
@@ -326,15 +387,25 @@ def compare_with_reference(results: dict[str, dict]) -> None:
 
 @click.command()
 @click.option("--tracking-uri", default=None, help="Store the --model-uri resolves against (default: MLFLOW_TRACKING_URI).")
-@click.option("--model-uri", required=True, help="A registered torch build of a trained model.")
+@click.option("--model-uri", required=True, help="A registered torch build of a trained model (the teacher).")
+@click.option("--builds", "teacher_builds", default=None, help="Comma-separated builds of the teacher to measure "
+              "(default: every build; torch-fp32 is always measured, as the reference).")
+@click.option("--student-uri", default=None, help="A registered build of a student distilled from it (`tagger distill`).")
+@click.option("--student-builds", default="torch-fp32,onnx-fp32,onnx-int8", show_default=True,
+              help="Comma-separated builds of the student to measure.")
+@click.option("--serve", "serve_builds", default=None,
+              help="Comma-separated paths to serve (default: every build); e.g. 'torch-fp32,onnx-int8,student onnx-int8'.")
 @click.option("--csv", "csv_path", required=True, help="Rows to predict (title, description).")
 @click.option("--holdout-csv", default=None, help="Labelled rows (title, description, tag) for each build's F1.")
 @click.option("--repeats", default=3, show_default=True, help="Throughput: best of this many passes.")
+@click.option("--rounds", default=3, show_default=True, help="Then this many more passes per build and of the floor, "
+              "taking turns; each keeps its best (0: none).")
 @click.option("--served-seconds", default=10.0, show_default=True, help="Length of each served load phase (0: skip serving).")
 @click.option("--clients", default=32, show_default=True, help="Concurrent single-row clients of the served load phase.")
 @click.option("--out", default="outputs/speed.json", show_default=True, help="Where to write the results as JSON.")
-def main(tracking_uri: str | None, model_uri: str, csv_path: str, holdout_csv: str | None, repeats: int,
-         served_seconds: float, clients: int, out: str) -> None:
+def main(tracking_uri: str | None, model_uri: str, teacher_builds: str | None, student_uri: str | None, student_builds: str,
+         serve_builds: str | None, csv_path: str, holdout_csv: str | None, repeats: int, rounds: int, served_seconds: float,
+         clients: int, out: str) -> None:
     """Measure every build of a trained model on this machine and print the table."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -342,13 +413,23 @@ def main(tracking_uri: str | None, model_uri: str, csv_path: str, holdout_csv: s
     results: dict[str, Any] = {"model_uri": model_uri, "rows": len(frame), "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
         reference, base = reference_artifacts(model_uri, Path(tmp) / "model")
-        builds = make_builds(reference, base, Path(tmp), (holdout if holdout is not None else frame).head(64))
+        checks, calibration = (holdout if holdout is not None else frame).head(64), frame.sample(
+            min(CALIBRATION_ROWS, len(frame)), random_state=0)
+        names = sorted({REFERENCE, *teacher_builds.split(",")}) if teacher_builds else None
+        builds = make_builds(reference, base, Path(tmp), checks, calibration, names=names)
+        if student_uri:
+            student, student_base = reference_artifacts(student_uri, Path(tmp) / "student")
+            builds += make_builds(student, student_base, Path(tmp), checks, calibration,
+                                  names=student_builds.split(","), prefix=STUDENT)
         results["builds"] = {b.name: measure_in_process(b, frame[list(INPUT_COLUMNS)], holdout, repeats) for b in builds}
         compare_with_reference(results["builds"])
         results["floor"] = fp32_floor(builds[0], frame)
+        for name, rate in (interleaved_rates(builds, frame[list(INPUT_COLUMNS)], results["floor"], rounds) or {}).items():
+            results["builds"][name]["rows_per_s"] = max(results["builds"][name]["rows_per_s"], rate)
         results["ray_data_pipeline"] = pipeline_rate(builds[0], frame)
         if served_seconds > 0:
-            uris = register_builds(builds, Path(tmp))
+            wanted = set(serve_builds.split(",")) if serve_builds else None
+            uris = register_builds([b for b in builds if wanted is None or b.name in wanted], Path(tmp))
             logs = Path(out).parent / "speed-server-logs"
             results["served"] = measure_served(uris, mlflow.get_tracking_uri(), csv_path, served_seconds, clients, logs)
     results["load_after"] = os.getloadavg()[0]

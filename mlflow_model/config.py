@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow_model.engines import build_problem
+from mlflow_model.engines import DYNAMIC_INT8, STATIC_INT8, build_problem
 from mlflow_model.errors import ConfigError, InvalidInputError
 
 FALLBACK_TAG = "other"
@@ -29,6 +29,7 @@ BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an
 _LOWEST = {
     "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
     "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False), "timeout_s": (1e-3, False),
+    "calibration_rows": (1, True),
 }
 
 
@@ -82,13 +83,14 @@ class PredictorConfig:
     inference_threads: int | None = None  # threads running forward passes side by side (None: cores // num_threads)
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
     engine: str = "torch"  # an engine of mlflow_model.engines.ENGINES: torch (the reference) or onnx (ONNX Runtime)
-    precision: str = "fp32"  # one of the engine's precisions: fp32, bf16 (torch), int8 (dynamic int8)
+    precision: str = "fp32"  # one of the engine's precisions: fp32, bf16 (torch), int8 (static), int8-dynamic
     forward: str | None = None  # the forward path the build runs, recorded at packaging (see the engine's module)
     max_batch_rows: int = 32  # an inference thread runs at most this many rows of waiting requests at once
     max_wait_ms: float = 2.0  # ...and waits at most this long after the first for more to arrive
     timeout_s: float = 60.0  # a request whose rows are not done by then fails (the scoring server's own timeout)
     max_request_rows: int | None = None  # rows one online request may hold; None: no limit (set at packaging)
     fallback_tag: str = FALLBACK_TAG
+    calibration_rows: int | None = None  # static int8: training rows its activation scales were set on (at packaging)
 
     def __post_init__(self) -> None:
         """Refuse a value the predictor cannot run with, naming the setting (a model_config at load included)."""
@@ -132,5 +134,7 @@ class PredictorConfig:
         values = dict(values or {})
         if values.get("trace") is False and "forward" not in values:  # packaged before forward paths were recorded
             values["forward"] = "eager"
+        if values.get("precision") == STATIC_INT8 and "calibration_rows" not in values:  # before static int8: dynamic
+            values["precision"] = DYNAMIC_INT8
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})

@@ -64,7 +64,7 @@ def probabilities(model: mlflow.pyfunc.PyFuncModel) -> np.ndarray:
     return np.array([[row[tag] for tag in CLASS_TO_INDEX] for row in model.predict(ROWS)["probabilities"]])
 
 
-@pytest.mark.parametrize(("engine", "precision"), [("torch", "bf16"), ("torch", "int8"), ("onnx", "int8")])
+@pytest.mark.parametrize(("engine", "precision"), [("torch", "bf16"), ("torch", "int8-dynamic"), ("onnx", "int8"), ("onnx", "int8-dynamic")])
 @pytest.mark.slow  # packages a model per build
 def test_each_build_agrees_with_torch_fp32(store, tiny_encoder, engine, precision):
     got = probabilities(mlflow.pyfunc.load_model(package(store, tiny_encoder, engine, precision)))

@@ -48,7 +48,7 @@ def test_sorted_batches_match_unsorted_in_input_order(tiny_checkpoint, tiny_enco
 @pytest.mark.slow  # quantizes the model
 def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     rows = varied_rows(100, seed=1)
-    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8", forward="eager")
+    int8 = predictor(tiny_checkpoint, tiny_encoder, precision="int8-dynamic", forward="eager")
     assert any("quantized" in type(m).__module__ for m in int8.engine.model.modules())  # Linear layers are int8
     quantized, reference = int8.predict_proba(rows), predictor(tiny_checkpoint, tiny_encoder).predict_proba(rows)
     assert quantized.shape == reference.shape == (100, len(CLASS_TO_INDEX))
@@ -57,7 +57,7 @@ def test_int8_build_agrees_with_fp32(tiny_checkpoint, tiny_encoder):
     assert (quantized.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])  # fp32: the default
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8-dynamic", marks=pytest.mark.slow)])  # fp32: the default
 def test_the_traced_model_answers_as_the_eager_one(tiny_checkpoint, tiny_encoder, precision):
     import torch
 
@@ -129,35 +129,35 @@ def test_int8_packaging_records_its_accuracy_change(tmp_path, tiny_encoder, trac
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3)
     log_training_run("exp", checkpoint, 0.5)
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=labelled_csv,
-                           predictor=PredictorConfig(precision="int8"))
+                           predictor=PredictorConfig(precision="int8-dynamic"))
     version = package_best_run(config)
 
     frame = pd.read_csv(labelled_csv)
     expected = {
         name: f1_score(frame["tag"], predictor(checkpoint, tiny_encoder, precision=name).predict(frame)["prediction"],
                        average="weighted")
-        for name in ("fp32", "int8")
+        for name in ("fp32", "int8-dynamic")
     }
     tags = version.tags
-    assert (tags["engine"], tags["precision"]) == ("torch", "int8")
+    assert (tags["engine"], tags["precision"]) == ("torch", "int8-dynamic")
     assert float(tags["accuracy.reference_f1"]) == pytest.approx(expected["fp32"], abs=1e-6)
-    assert float(tags["accuracy.f1"]) == pytest.approx(expected["int8"], abs=1e-6)
-    assert float(tags["accuracy.f1_delta"]) == pytest.approx(expected["int8"] - expected["fp32"], abs=2e-6)
+    assert float(tags["accuracy.f1"]) == pytest.approx(expected["int8-dynamic"], abs=1e-6)
+    assert float(tags["accuracy.f1_delta"]) == pytest.approx(expected["int8-dynamic"] - expected["fp32"], abs=2e-6)
     assert tags["accuracy.dataset"] == "eval.csv" and tags["accuracy.rows"] == "48"  # a name, not a local path
 
     info = mlflow.models.get_model_info(f"models:/tagger/{version.version}")
-    assert info.metadata["precision"] == "int8" and info.metadata["accuracy.f1_delta"] == tags["accuracy.f1_delta"]
+    assert info.metadata["precision"] == "int8-dynamic" and info.metadata["accuracy.f1_delta"] == tags["accuracy.f1_delta"]
     metrics = MlflowClient().get_run(tags["package_run_id"]).data.metrics
     assert metrics["accuracy.f1_delta"] == pytest.approx(float(tags["accuracy.f1_delta"]))
     served = mlflow.pyfunc.load_model(f"models:/tagger/{version.version}")
-    assert served.model_config["precision"] == "int8"
+    assert served.model_config["precision"] == "int8-dynamic"
 
 
 @pytest.mark.slow  # packages a model
 def test_int8_packaging_without_a_labelled_csv_says_not_measured(tmp_path, tiny_encoder, tracking_uri, caplog):
     log_training_run("exp", build_tiny_checkpoint(tmp_path / "ckpt", tiny_encoder, seed=3), 0.5)
     config = PackageConfig(experiment_name="exp", base_model=str(tiny_encoder), eval_dataset=str(tmp_path / "no.csv"),
-                           predictor=PredictorConfig(precision="int8"))
+                           predictor=PredictorConfig(precision="int8-dynamic"))
     version = package_best_run(config)
     assert version.tags["accuracy.f1_delta"] == "not measured" and "accuracy.reference_f1" not in version.tags
     assert "no labelled CSV" in caplog.text

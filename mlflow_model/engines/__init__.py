@@ -7,8 +7,9 @@ imported only when its engine is used, so a served ONNX model never imports torc
 - `load(checkpoint_dir, encoder_dir, config) -> Engine`: at load, on the inference thread that
   will run it; it runs exactly the forward path recorded in `config.forward`, or raises
   CheckpointError naming the file and the reason;
-- `build(files, out_dir, config, samples) -> (files, config)`: at packaging, it makes and checks
-  the engine's files from the staged torch checkpoint and records the forward path it runs.
+- `build(files, out_dir, config, samples, calibration) -> (files, config)`: at packaging, it makes
+  and checks the engine's files from the staged torch checkpoint and records the forward path it
+  runs; `calibration` (token ids of training rows) is what a static int8 build sets its scales on.
 
 Everything else (config checks, the CLI's `--build` choices, the model's pip requirements) is
 derived from `ENGINES`. Adding an engine is one module here and one entry below.
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from mlflow_model.config import PredictorConfig
 
 REFERENCE_BUILD = ("torch", "fp32")  # every other build is measured against it
+# Precisions: fp32; bf16; int8 (static: activation scales calibrated at packaging, stored in the model, so a row's
+# answer is the same whatever it is batched with); int8-dynamic (activation scales computed per batch: an answer
+# depends on the other rows of its batch). Models packaged before static int8 existed read as int8-dynamic.
+STATIC_INT8, DYNAMIC_INT8 = "int8", "int8-dynamic"
 
 
 class Engine(Protocol):
@@ -44,7 +49,8 @@ class EngineModule(Protocol):
     def load(self, checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig) -> Engine: ...
 
     def build(
-        self, files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]]
+        self, files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]],
+        calibration: list[list[int]] | None = None,
     ) -> tuple[dict[str, str], PredictorConfig]: ...
 
 
@@ -62,16 +68,16 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     "torch": EngineSpec(
         module="mlflow_model.engines.torch_engine",
-        precisions=("fp32", "bf16", "int8"),
+        precisions=("fp32", "bf16", "int8-dynamic"),
         forwards=("shipped_trace", "trace_at_load", "eager"),
         requirements=("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"),
-        # oneDNN kernels one forward pass reuses across its layers (fp32/int8: GELU's; bf16 also its matmuls).
+        # oneDNN kernels one forward pass reuses across its layers (fp32/int8-dynamic: GELU's; bf16 also its matmuls).
         # oneDNN's default keeps 1024, one per batch shape a server meets: memory then grows with traffic.
-        onednn_cached_kernels={"fp32": 4, "int8": 4, "bf16": 32},
+        onednn_cached_kernels={"fp32": 4, "int8-dynamic": 4, "bf16": 32},
     ),
     "onnx": EngineSpec(
         module="mlflow_model.engines.onnx_engine",
-        precisions=("fp32", "int8"),
+        precisions=("fp32", "int8", "int8-dynamic"),
         forwards=("graph",),
         requirements=("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas"),
     ),
@@ -84,8 +90,8 @@ def build_name(engine: str, precision: str) -> str:
 
 
 def split_build(name: str) -> tuple[str, str]:
-    """(engine, precision) of a build name such as `onnx-int8`."""
-    engine, _, precision = name.rpartition("-")
+    """(engine, precision) of a build name such as `onnx-int8` or `onnx-int8-dynamic` (engine names have no dash)."""
+    engine, _, precision = name.partition("-")
     return engine, precision
 
 

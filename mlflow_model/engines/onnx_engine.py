@@ -1,9 +1,16 @@
-"""The ONNX engine: the classifier exported to ONNX, fused for ONNX Runtime, fp32 or dynamic int8.
+"""The ONNX engine: the classifier exported to ONNX, fused for ONNX Runtime, fp32, static int8 or dynamic int8.
 
 At load it imports only onnxruntime (never torch or transformers). `build` runs at packaging
 only: it exports the torch model, fuses attention, LayerNorm and GELU with ONNX Runtime's BERT
 optimizer, quantizes for int8, and checks the result against the torch fp32 model on real rows
 before the build can be registered. Its build-time imports (torch, onnx) stay inside it.
+
+- `int8` (static): the weight MatMuls (attention's Q/K/V and output projections, the FFN, the
+  pooler, the head) get int8 weights and uint8 activations whose scales are calibrated at
+  packaging on training rows, one row at a time (no padded position enters a range), and stored
+  in the graph. A row's answer is then the same whatever it is batched with.
+- `int8-dynamic`: int8 weights, activation scales computed per batch from the whole padded batch
+  (MatMuls and fused Attention): an answer depends on the other rows of its batch.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from mlflow_model.config import (
     PredictorConfig,
     usable_cores,
 )
+from mlflow_model.engines import DYNAMIC_INT8, STATIC_INT8
 from mlflow_model.errors import BuildError, CheckpointError
 
 if TYPE_CHECKING:
@@ -41,6 +49,7 @@ OUTPUT_NAME = "logits"
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # fp32 must give torch fp32's probabilities within this
 INT8_MIN_AGREEMENT = 0.95  # int8 must give torch fp32's tag on this share of the rows (F1 is measured too)
+BATCH_TOLERANCE = 1e-4  # static int8: a row alone and inside its batch must agree within this
 
 
 class ExportCheckError(BuildError):
@@ -125,11 +134,21 @@ def export_onnx(model: FinetunedLLM, path: str | Path) -> Path:
     return path
 
 
-def optimize_onnx(path: str | Path, out_path: str | Path, num_heads: int, hidden_size: int) -> Path:
-    """Fuse attention, LayerNorm and GELU with onnxruntime.transformers' BERT optimizer."""
+def optimize_onnx(
+    path: str | Path, out_path: str | Path, num_heads: int, hidden_size: int, separate_projections: bool = False
+) -> Path:
+    """Fuse attention, LayerNorm and GELU with onnxruntime.transformers' BERT optimizer.
+
+    separate_projections: fuse attention as MultiHeadAttention, whose Q/K/V projections stay MatMuls
+    that static quantization can quantize (a fused Attention op keeps them inside it, in fp32).
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = separate_projections
+    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               optimization_options=options)
     fused = optimized.get_fused_operator_statistics()
     logger.info("ONNX fusion: %s", {k: v for k, v in fused.items() if v})
     if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
@@ -138,7 +157,7 @@ def optimize_onnx(path: str | Path, out_path: str | Path, num_heads: int, hidden
     return Path(out_path)
 
 
-def quantize_int8(path: str | Path, out_path: str | Path) -> Path:
+def quantize_int8_dynamic(path: str | Path, out_path: str | Path) -> Path:
     """Dynamic int8 (QInt8 weights per channel, activations quantized per batch) of MatMuls and Attention.
 
     per_channel + reduce_range (7-bit weights): on AVX2 CPUs without VNNI the u8s8 kernels
@@ -152,6 +171,88 @@ def quantize_int8(path: str | Path, out_path: str | Path) -> Path:
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},  # fused graphs lack some type info
     )
     return Path(out_path)
+
+
+class CalibrationRows:
+    """ONNX Runtime's CalibrationDataReader over token ids: one unpadded row per batch."""
+
+    def __init__(self, rows: Sequence[Sequence[int]]) -> None:
+        self.rows = iter(list(rows))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next row's feeds, or None when all were given."""
+        from mlflow_model.batching import pad_batch
+
+        row = next(self.rows, None)
+        if row is None:
+            return None
+        input_ids, mask = pad_batch([row], 0)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def weight_matmuls(path: str | Path) -> list[str]:
+    """Names of the MatMul nodes that multiply by a weight (an initializer), not two activations."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    return [node.name for node in graph.node if node.op_type == "MatMul" and any(i in weights for i in node.input)]
+
+
+def with_activation_types(path: str | Path, out_path: str | Path) -> Path:
+    """The graph with a float type declared for the activation input of each weight MatMul.
+
+    The fused graph carries no types for its intermediate tensors (ONNX's shape inference does not
+    know ONNX Runtime's fused ops), and the calibrator measures only tensors whose type it knows.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {initializer.name for initializer in model.graph.initializer}
+    known = {info.name for info in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and any(i in weights for i in node.input):
+            for name in (i for i in node.input if i not in weights and i not in known):
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+                known.add(name)
+    onnx.save(model, str(out_path))
+    return Path(out_path)
+
+
+def quantize_int8_static(path: str | Path, out_path: str | Path, calibration: Sequence[Sequence[int]]) -> Path:
+    """Static int8 of the weight MatMuls: int8 weights per channel (7-bit, see quantize_int8_dynamic), uint8
+    activations whose scales are the MinMax ranges over the calibration rows, stored in the graph as
+    QuantizeLinear/DequantizeLinear pairs (QDQ), which ONNX Runtime fuses into int8 kernels at load."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    typed = with_activation_types(path, Path(out_path).with_suffix(".typed.onnx"))
+    every = weight_matmuls(typed)
+    quantize_static(
+        str(typed), str(out_path), CalibrationRows(calibration), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"], nodes_to_quantize=every, per_channel=True, reduce_range=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return Path(out_path)
+
+
+def check_batch_independence(onnx_path: str | Path, batches: Sequence[Sequence[Sequence[int]]], pad_id: int = 0) -> float:
+    """Raise ExportCheckError unless each row's probabilities alone and inside its padded batch agree within
+    BATCH_TOLERANCE; else the largest difference."""
+    from mlflow_model.batching import pad_batch, softmax
+
+    engine, worst = OnnxEngine(onnx_path), 0.0
+    for batch in (list(b) for b in batches if len(b)):
+        together = softmax(engine.logits(*pad_batch(batch, pad_id)))
+        alone = np.vstack([softmax(engine.logits(*pad_batch([row], pad_id))) for row in batch])
+        worst = max(worst, float(np.abs(together - alone).max()))
+    if not worst <= BATCH_TOLERANCE:
+        raise ExportCheckError(
+            f"{onnx_path}: a row's probabilities alone and inside its batch differ by {worst:.3g} "
+            f"(wanted within {BATCH_TOLERANCE:g}): its activation scales are not fixed"
+        )
+    return worst
 
 
 def save_with_external_weights(path: str | Path, out_path: str | Path) -> Path:
@@ -218,25 +319,34 @@ def check_export(
 
 def build_graph(
     model: FinetunedLLM, encoder_config: Any, out_dir: Path, precision: str, samples: Sequence[Sequence[Sequence[int]]],
-    pad_id: int = 0,
+    pad_id: int = 0, calibration: Sequence[Sequence[int]] | None = None,
 ) -> Path:
-    """The checked, fused ONNX model of one precision in out_dir (ONNX_FILE + ONNX_WEIGHTS_FILE); int8 quantizes."""
+    """The checked, fused ONNX model of one precision in out_dir (ONNX_FILE + ONNX_WEIGHTS_FILE); int8 quantizes
+    (static: on the calibration rows, else on the sample rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         plain = export_onnx(model, Path(scratch) / "plain.onnx")
         built = optimize_onnx(plain, Path(scratch) / "fused.onnx", encoder_config.num_attention_heads,
-                              encoder_config.hidden_size)
+                              encoder_config.hidden_size, separate_projections=precision == STATIC_INT8)
         check_export(model, built, samples, pad_id=pad_id)
-        if precision == "int8":
-            built = quantize_int8(built, Path(scratch) / "int8.onnx")
+        if precision == DYNAMIC_INT8:
+            built = quantize_int8_dynamic(built, Path(scratch) / "int8.onnx")
+        elif precision == STATIC_INT8:
+            rows = calibration or [row for batch in samples for row in batch]
+            built = quantize_int8_static(built, Path(scratch) / "int8.onnx", rows)
+            check_batch_independence(built, samples, pad_id)
+        if precision != "fp32":
             check_export(model, built, samples, atol=None, min_agreement=INT8_MIN_AGREEMENT, pad_id=pad_id)
         return save_with_external_weights(built, out_dir / ONNX_FILE)
 
 
 def build(
-    files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]]
+    files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]],
+    calibration: list[list[int]] | None = None,
 ) -> tuple[dict[str, str], PredictorConfig]:
-    """The ONNX build's files: the checked graph + its weights + the label map (+ temperature), and the encoder files."""
+    """The ONNX build's files: the checked graph + its weights + the label map (+ temperature), and the staged encoder files.
+
+    Static int8 records how many calibration rows set its scales (`calibration_rows`)."""
     from transformers import AutoConfig
 
     from mlflow_model.checkpoint import encoder_settings, load_finetuned
@@ -249,7 +359,8 @@ def build(
             shutil.copy(Path(files[CHECKPOINT_ARTIFACT]) / name, checkpoint / name)
     model = load_finetuned(files[CHECKPOINT_ARTIFACT], encoder)
     pad_id = int(encoder_settings(encoder).get("pad_token_id") or 0)
-    build_graph(model, AutoConfig.from_pretrained(encoder), checkpoint, config.precision, samples, pad_id)
+    build_graph(model, AutoConfig.from_pretrained(encoder), checkpoint, config.precision, samples, pad_id, calibration)
+    rows = (len(calibration) if calibration else sum(map(len, samples))) if config.precision == STATIC_INT8 else None
     return {CHECKPOINT_ARTIFACT: str(checkpoint), ENCODER_ARTIFACT: str(encoder)}, dataclasses.replace(
-        config, forward="graph"
+        config, forward="graph", calibration_rows=rows
     )

@@ -1,9 +1,9 @@
-"""The torch engine: FinetunedLLM (or its TorchScript trace) in fp32, bf16 or dynamic int8.
+"""The torch engine: FinetunedLLM (or its TorchScript trace) in fp32, bf16 or dynamic int8 (`int8-dynamic`).
 
 Forward paths, recorded at packaging (`PredictorConfig.forward`) and run as recorded at load:
 - `shipped_trace` (fp32): the trace saved at packaging, without weights, takes the checkpoint's
   tensors; the served model needs no transformers;
-- `trace_at_load` (bf16, int8): the model is built, converted and traced at load, and the trace is
+- `trace_at_load` (bf16, int8-dynamic): the model is built, converted and traced at load, and the trace is
   checked against it;
 - `eager`: the model itself, when it cannot be traced or when packaging was asked not to trace.
 torch is imported only when an engine is built, so importing this module costs nothing.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, TRACE_FILE, PredictorConfig
-from mlflow_model.engines import ENGINES
+from mlflow_model.engines import DYNAMIC_INT8, ENGINES
 from mlflow_model.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -64,9 +64,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def in_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The eval-mode model in its precision: fp32 as is, bf16 cast in place, int8 dynamically quantized in place.
+    """The eval-mode model in its precision: fp32 as is, bf16 cast in place, int8-dynamic quantized in place.
 
-    int8 quantizes the Linear layers (weights int8, activations per batch); in place, because a
+    int8-dynamic quantizes the Linear layers (weights int8, activations per batch); in place, because a
     copy would also copy the embedding table out of the memory-mapped weights file.
     """
     import warnings
@@ -79,7 +79,7 @@ def in_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
             logger.warning("bf16 build on a CPU without native bf16 (%s): it runs emulated, slower than fp32",
                            " / ".join(_BF16_CPU_FLAGS))
         return model.to(torch.bfloat16)
-    if precision == "int8":
+    if precision == DYNAMIC_INT8:
         with warnings.catch_warnings():  # torch marks torch.ao.quantization deprecated (torchao)
             warnings.simplefilter("ignore")
             return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -130,11 +130,12 @@ def load(checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorC
 
 
 def build(
-    files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]]
+    files: dict[str, str], out_dir: Path, config: PredictorConfig, samples: list[list[list[int]]],
+    calibration: list[list[int]] | None = None,
 ) -> tuple[dict[str, str], PredictorConfig]:
     """The staged checkpoint is the build (precision applies at load); decide and record its forward path.
 
-    fp32 ships its trace; bf16 and int8 are traced at load; a model that cannot be traced, or whose
+    fp32 ships its trace; bf16 and int8-dynamic are traced at load; a model that cannot be traced, or whose
     trace differs from it, runs eagerly, and packaging says so. `forward="eager"` given: kept.
     """
     from mlflow_model.checkpoint import load_finetuned

@@ -14,16 +14,18 @@ import pandas as pd
 
 from mlflow_model.checkpoint import encoder_max_length
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, TOKENIZER_FILE, PredictorConfig
-from mlflow_model.engines import REFERENCE_BUILD, build_name, engine_module
+from mlflow_model.engines import REFERENCE_BUILD, STATIC_INT8, build_name, engine_module
 from mlflow_model.predictor import Predictor
 from mlflow_model.preprocess import load_tokenizer, prepare_texts, tokenize
-from tagger.data import load_data
+from tagger.data import load_data, stratified_split
+from tagger.errors import DatasetError
 from tagger.metrics import scores
 
 logger = logging.getLogger(__name__)
 NOT_MEASURED = "not measured"
 F1_KEYS = ("accuracy.reference_f1", "accuracy.f1", "accuracy.f1_delta")
 SAMPLE_BATCH_ROWS = 16  # rows per batch an engine's build is checked on
+CALIBRATION_ROWS = 256  # training rows a static int8 build's activation scales are calibrated on
 
 
 def is_reference(config: PredictorConfig) -> bool:
@@ -33,19 +35,52 @@ def is_reference(config: PredictorConfig) -> bool:
 
 def sample_batches(files: dict[str, str], config: PredictorConfig, rows: pd.DataFrame) -> list[list[list[int]]]:
     """Token ids of real rows, in batches, tokenized as the served model will: what a build is checked on."""
-    encoder = files[ENCODER_ARTIFACT]
-    tokenizer = load_tokenizer(Path(encoder) / TOKENIZER_FILE, config.max_length or encoder_max_length(encoder))
-    token_ids = tokenize(tokenizer, prepare_texts(rows))
+    token_ids = token_rows(files, config, rows)
     return [token_ids[i : i + SAMPLE_BATCH_ROWS] for i in range(0, len(token_ids), SAMPLE_BATCH_ROWS)]
 
 
+def training_rows(params: dict[str, str], count: int = CALIBRATION_ROWS, seed: int = 0) -> pd.DataFrame | None:
+    """Up to `count` of a training run's own training rows (its dataset re-split as it was), or None (and why, logged)
+    when its dataset cannot be read here."""
+    from tagger.config import TrainConfig
+
+    dataset = params.get("resolved.dataset_loc") or params.get("dataset_loc")
+    if not dataset:
+        logger.warning("the run logged no dataset_loc: its training rows are unknown")
+        return None
+    try:
+        frame = load_data(dataset, int(params["num_samples"]) if params.get("num_samples", "None") != "None" else None)
+        val_size = float(params.get("val_size", TrainConfig.val_size))
+        train, _ = stratified_split(frame, val_size, int(params.get("seed", TrainConfig.seed)))
+    except (DatasetError, KeyError, TypeError, ValueError) as error:
+        logger.warning("the training rows of the run cannot be read (%s): %s", dataset, error)
+        return None
+    return train.sample(min(count, len(train)), random_state=seed)
+
+
+def token_rows(files: dict[str, str], config: PredictorConfig, rows: pd.DataFrame) -> list[list[int]]:
+    """Token ids of rows, tokenized as the served model will."""
+    encoder = files[ENCODER_ARTIFACT]
+    tokenizer = load_tokenizer(Path(encoder) / TOKENIZER_FILE, config.max_length or encoder_max_length(encoder))
+    return tokenize(tokenizer, prepare_texts(rows))
+
+
 def make_build(
-    reference: dict[str, str], out_dir: str | Path, config: PredictorConfig, rows: pd.DataFrame
+    reference: dict[str, str], out_dir: str | Path, config: PredictorConfig, rows: pd.DataFrame,
+    calibration: pd.DataFrame | None = None,
 ) -> tuple[dict[str, str], PredictorConfig]:
-    """The build's files and its config with the forward path recorded, made by its engine's module."""
+    """The build's files and its config with the forward path recorded, made by its engine's module; a static int8
+    build calibrates on `calibration` (training rows), else on `rows`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, config = engine_module(config.engine).build(dict(reference), out_dir, config, sample_batches(reference, config, rows))
+    calibration_ids = None
+    if config.precision == STATIC_INT8:
+        if calibration is None:
+            logger.warning("static int8: no training rows to calibrate on; calibrating on the %d check rows", len(rows))
+        calibration_ids = token_rows(reference, config, calibration if calibration is not None else rows)
+    files, config = engine_module(config.engine).build(
+        dict(reference), out_dir, config, sample_batches(reference, config, rows), calibration_ids
+    )
     logger.info("%s build runs forward path %r", build_name(config.engine, config.precision), config.forward)
     return files, config
 

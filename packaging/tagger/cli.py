@@ -19,6 +19,7 @@ from mlflow_model.engines import build_name, build_names, split_build
 from tagger.config import (
     SCHEDULERS,
     BatchPredictConfig,
+    DistillConfig,
     PackageConfig,
     QuickstartConfig,
     ServeConfig,
@@ -158,7 +159,7 @@ def cli(verbose: bool) -> None:
                    f"against torch-fp32 measured and tagged. [default: {build_name('torch', 'fp32')}]")
 @setting("--trace", PackageConfig, click.BOOL,
          help="torch builds: run a TorchScript trace of the model, checked against it at packaging (fp32: shipped "
-              "in the model, so serving needs no transformers; bf16/int8: traced at load). false: run it eagerly.")
+              "in the model, so serving needs no transformers; bf16/int8-dynamic: traced at load). false: run it eagerly.")
 @setting("--max-batch-rows", PredictorConfig, WholeNumber(), help="Serving: most rows of waiting requests run at once.")
 @setting("--max-wait-ms", PredictorConfig, click.FloatRange(0), help="Serving: longest wait for more requests to batch.")
 @setting("--max-request-rows", PredictorConfig, WholeNumber(),
@@ -385,6 +386,36 @@ def train(run_name: str | None, **values: Any) -> None:
     from tagger.train import train as train_model
 
     result = train_model(TrainConfig(**given(values)), run_name=run_name)
+    click.echo(json.dumps({
+        "run_id": result.run_id, "best_epoch": result.best_epoch,
+        "val_loss": round(result.best_metrics["val_loss"], 4), "val_f1": round(result.best_metrics["val_f1"], 4),
+        "train_minutes": round(result.train_seconds / 60, 2),
+    }))
+
+
+@cli.command()
+@train_options
+@setting("--num-epochs", TrainConfig, WholeNumber())
+@setting("--batch-size", TrainConfig, WholeNumber(), help="Global batch size (split between workers).")
+@setting("--lr", TrainConfig, click.FloatRange(0, min_open=True), help="Peak learning rate.")
+@setting("--dropout-p", TrainConfig, click.FloatRange(0, 1, max_open=True), help="Dropout before the head.")
+@setting("--seed", TrainConfig, WholeNumber(minimum=0), help="Seed of the split, the head and the batch order.")
+@setting("--teacher", DistillConfig, help="Registered teacher version: models:/NAME@ALIAS, models:/NAME/N or "
+         "models:/NAME/STAGE.")
+@setting("--layers", DistillConfig, WholeNumber(), help="Encoder layers of the student (evenly spaced teacher "
+         "layers, the last kept).")
+@setting("--alpha", DistillConfig, click.FloatRange(0, 1), help="Weight of the teacher's soft labels in the loss "
+         "(the rest: the true tags).")
+@setting("--temperature", DistillConfig, click.FloatRange(0, min_open=True), help="Softens both logits for the "
+         "soft-label loss.")
+@click.option("--run-name", type=Blankable(str), default=None, help="MLflow run name.")
+def distill(run_name: str | None, **values: Any) -> None:
+    """Distil a registered teacher into a student with fewer encoder layers: one ordinary training run on Ray Train."""
+    from tagger.distill import distill as distill_model
+
+    values = given(values)
+    own = {name: values.pop(name) for name in ("teacher", "layers", "alpha", "temperature") if name in values}
+    result = distill_model(DistillConfig(train=TrainConfig(**values), **own), run_name=run_name)
     click.echo(json.dumps({
         "run_id": result.run_id, "best_epoch": result.best_epoch,
         "val_loss": round(result.best_metrics["val_loss"], 4), "val_f1": round(result.best_metrics["val_f1"], 4),

@@ -18,6 +18,8 @@ MODEL_NAME = "tagger"
 CHAMPION_ALIAS = "champion"
 PRODUCTION_STAGE = "Production"
 CHECKPOINT_TAG = "checkpoint_path"  # training run tag: artifact path of its best checkpoint
+ENCODER_ARTIFACT_TAG = "encoder_artifact"  # training run tag: artifact path of its own encoder folder (a student's)
+DISTILL_TAG_PREFIX = "distill."  # a student's run (and version) tags naming its teacher: distill.teacher_version, ...
 BEST_PREFIX = "best_"  # training run summary metrics: best_val_loss, ... (the best epoch's, its checkpoint's)
 # The small labelled dataset the project ships (build time only): package data of `tagger`, so it is
 # there wherever tagger is installed (a wheel is installed as plain files, so this is a real path).
@@ -49,7 +51,7 @@ class PackageConfig:
     base_model: str | None = None  # None: the encoder the run was trained with, else default_base_model()
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     trace: bool = True  # torch builds: trace the model if its trace gives its logits (the build records the path)
-    eval_dataset: str | None = None  # labelled CSV scoring int8 vs fp32; None: SHIPPED_DATASET
+    eval_dataset: str | None = None  # labelled CSV scoring a build vs torch fp32; None: SHIPPED_DATASET
     temperature: str = "auto"  # auto: the checkpoint's (or refit on calibration_dataset); none: 1; or a number > 0
     calibration_dataset: str | None = None  # labelled CSV to refit the temperature on (never the one you evaluate on)
     run_id: str | None = None  # package this run; None: the best run whose checkpoint downloads
@@ -84,6 +86,18 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A student distilled from a registered teacher: an ordinary training run (`train`) with fewer encoder layers."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)  # the student's training, as `tagger train` takes it
+    teacher: str = champion_uri()  # a registered version: models:/NAME@ALIAS, models:/NAME/N or models:/NAME/STAGE
+    layers: int = 4  # encoder layers of the student, from evenly spaced teacher layers (the last kept); 4 of
+    # all-MiniLM-L6-v2's 6 kept holdout F1 within 0.01 of the teacher, 3 did not (docs/benchmarks.md)
+    alpha: float = 0.5  # weight of the teacher's soft labels in the loss; 1 - alpha: the true tags
+    temperature: float = 2.0  # teacher and student logits are divided by it before the soft-label softmax
 
 
 @dataclass(frozen=True)

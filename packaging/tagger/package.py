@@ -12,17 +12,17 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import write_calibration
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
-from mlflow_model.engines import build_name
+from mlflow_model.engines import STATIC_INT8, build_name
 from mlflow_model.signature import FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, fingerprint
 from tagger.access import registry_needs, require
-from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build
+from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build, training_rows
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
 from tagger.calibration import calibration_choice, packaged_temperature
-from tagger.config import SHIPPED_DATASET, PackageConfig, default_base_model
+from tagger.config import DISTILL_TAG_PREFIX, SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
 from tagger.registry import register_version, version_description
-from tagger.runs import ranking_value, select_checkpoint
+from tagger.runs import ranking_value, run_encoder, select_checkpoint
 from tagger.signing import public_key_of, sign_logged_model
 
 SIGNED_TAG = "signed"  # version tag: "true" when `model.sig` signs every file of the version, else "false"
@@ -76,7 +76,9 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         run_id, checkpoint_path, checkpoint_dir = select_checkpoint(config, f"{tmp}/download")
         source = mlflow.get_run(run_id)
         metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
-        base_model = config.base_model or trained_param(source, "base_model") or default_base_model()
+        own_encoder = None if config.base_model else run_encoder(source, f"{tmp}/encoder")  # a student's
+        base_model = config.base_model or own_encoder or trained_param(source, "base_model") or default_base_model()
+        encoder = (own_encoder and trained_param(source, "encoder")) or encoder_name(base_model)
         predictor = config.predictor if config.trace else replace(config.predictor, forward="eager")
         trained_length = trained_param(source, "max_length")
         if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
@@ -85,14 +87,15 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         temperature, calibration = calibrate(config, reference)
         eval_dataset = config.eval_dataset or str(SHIPPED_DATASET)
         rows = load_data(eval_dataset).head(64) if Path(eval_dataset).is_file() else INPUT_EXAMPLE
-        artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows)
+        calibration_rows = training_rows(source.data.params) if predictor.precision == STATIC_INT8 else None
+        artifacts, predictor = make_build(reference, f"{tmp}/build", predictor, rows, calibration_rows)
         accuracy = {} if is_reference(predictor) else accuracy_change(reference, artifacts, predictor, eval_dataset)
         predictor, signature = final_settings(artifacts, predictor)
         # Under `mlflow run`, MLFLOW_RUN_ID names the run and experiment_id is ignored.
         with mlflow.start_run(experiment_id=source.info.experiment_id, run_name="package") as run:
             # Own key names: under `mlflow run` the run already holds the entry point's raw params.
             mlflow.log_params({"source_run_id": run_id, "selection": f"{config.metric} {config.mode}",
-                               "encoder": encoder_name(base_model), "calibration.temperature": f"{temperature:.6g}",
+                               "encoder": encoder, "calibration.temperature": f"{temperature:.6g}",
                                "calibration.source": calibration["source"]}
                               | {f"predictor.{k}": v for k, v in predictor.to_dict().items()})
         info = log_pyfunc(artifacts, predictor, signature, run.info.run_id, f"{tmp}/manifest",
@@ -109,7 +112,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "precision": predictor.precision,
         "forward": predictor.forward,
         "training_run": source.info.run_name,
-        "encoder": encoder_name(base_model),
+        "encoder": encoder,
         "num_epochs": trained_param(source, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
         "temperature": f"{temperature:.6g}",
@@ -117,6 +120,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         **accuracy,
         SIGNED_TAG: "true" if key else "false",
         FINGERPRINT_METADATA: key or "",
+        **{k: v for k, v in source.data.tags.items() if k.startswith(DISTILL_TAG_PREFIX)},  # a student's teacher
     }
     if "accuracy.dataset" in tags:  # a name, not a local path
         tags["accuracy.dataset"] = dataset_name(eval_dataset)
@@ -125,7 +129,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         f"the best of experiment `{config.experiment_name}` by {config.metric} {config.mode}; "
         f"packaged from its checkpoint at `{checkpoint_path or '/'}`",
         f"**Build**: {build_name(predictor.engine, predictor.precision)} (forward path: {predictor.forward}), "
-        f"encoder {encoder_name(base_model)}",
+        f"encoder {encoder}",
         signing_line(key),
         f"**Calibration**: temperature {temperature:.4g} ({describe_calibration(calibration)}), "
         "in `checkpoint/calibration.json`",

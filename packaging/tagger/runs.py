@@ -9,11 +9,12 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_model.checkpoint import ARGS_FILE, SAFETENSORS_FILE, TORCH_FILE
-from tagger.config import BEST_PREFIX, CHECKPOINT_TAG, PackageConfig
+from tagger.config import BEST_PREFIX, CHECKPOINT_TAG, ENCODER_ARTIFACT_TAG, PackageConfig
 from tagger.errors import RunSelectionError, one_line
 
 RAY_PROGRESS_FILE = "progress.csv"  # Ray trial folders: one row per report, with checkpoint_dir_name
@@ -182,3 +183,15 @@ def select_checkpoint(config: PackageConfig, dst: str | Path) -> tuple[str, str,
     raise RunSelectionError(
         f"no finished run of {config.experiment_name!r} has a checkpoint that can be downloaded ({'; '.join(skipped)})"
     )
+
+
+def run_encoder(run: Run, dst: str | Path) -> str | None:
+    """Local copy of the encoder folder a run logged as its own (a distilled student's, tag `encoder_artifact`),
+    or None when the run trained a stock encoder (its `base_model` param names it)."""
+    path = run.data.tags.get(ENCODER_ARTIFACT_TAG)
+    if not path:
+        return None
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path, dst_path=str(dst))
+    except MlflowException as error:
+        raise RunSelectionError(f"run {run.info.run_id} has no encoder at artifact path '{path}': {error.message}") from error

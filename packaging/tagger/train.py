@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,8 +276,14 @@ def train(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     reuse_parent: bool = True,
+    artifacts: dict[str, str] | None = None,
+    loop_extras: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train one model on Ray Train and record it as one MLflow run; returns the run's summary."""
+    """Train one model on Ray Train and record it as one MLflow run; returns the run's summary.
+
+    artifacts: {artifact path: local folder} logged to the run before training (a student's encoder);
+    loop_extras: from the tokenized data, more entries of the loop config (a teacher's logits, see tagger.distill).
+    """
     import mlflow
 
     config = resolve_config(config)
@@ -295,7 +302,10 @@ def train(
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in run_params(client, run_id, config, data).items()])
         for frame, context in zip(split, ("training", "validation")):
             log_dataset(client, run_id, frame, config.dataset_loc, context)
+        for path, folder in (artifacts or {}).items():
+            client.log_artifacts(run_id, folder, path)
         loop_config = dataclasses.asdict(config) | data | {"tracking_uri": tracking_uri, "run_id": run_id}
+        loop_config |= loop_extras(data) if loop_extras else {}
         summary, train_seconds = fit(config, loop_config, client, run_id)
         log_summary(client, run_id, summary, train_seconds, config.num_epochs)
         result_note = describe_result(summary, config, train_seconds)

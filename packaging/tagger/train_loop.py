@@ -37,6 +37,12 @@ from tagger.calibration import fit_temperature
 from tagger.metrics import scores
 
 Report = Callable[[dict[str, float], "str | None"], None]  # (metrics, checkpoint folder or None)
+LossFn = Callable[[torch.Tensor, np.ndarray], torch.Tensor]  # (logits of a batch, its row indices) -> loss
+# Distillation (tagger.distill) adds these to the loop config; an ordinary run has none of them.
+TEACHER_LOGITS_KEY = "teacher_logits"  # the teacher's logits of each training row, computed once
+DISTILL_ALPHA_KEY = "distill_alpha"  # weight of the teacher's soft labels in the loss (the rest: the true tags)
+DISTILL_TEMPERATURE_KEY = "distill_temperature"  # both logits are divided by it before the softmax
+INIT_HEAD_KEY = "init_head"  # {"weight": rows x hidden, "bias": rows}: the head starts as the teacher's
 EVAL_BATCH_SIZE = 64
 TRAINING_STATE_FILE = "training_state.pt"  # in Ray's checkpoints only: what resuming needs, never packaged
 FAULT_KEY = "fail_once"  # loop config, tests only: {"epoch": N, "marker": path}: rank 0 exits once at epoch N
@@ -117,6 +123,10 @@ def make_trainee(cfg: dict[str, Any], world_size: int, steps: int, wrap_model: C
     llm = AutoModel.from_pretrained(cfg["base_model"])
     args = ModelArgs(float(cfg["dropout_p"]), int(llm.config.hidden_size), len(cfg["class_to_index"]))
     bare = FinetunedLLM(llm, args)
+    if cfg.get(INIT_HEAD_KEY):
+        with torch.no_grad():
+            bare.fc1.weight.copy_(torch.as_tensor(cfg[INIT_HEAD_KEY]["weight"]))
+            bare.fc1.bias.copy_(torch.as_tensor(cfg[INIT_HEAD_KEY]["bias"]))
     model = wrap_model(bare) if wrap_model is not None and world_size > 1 else bare
     decayed = {n: p.ndim > 1 and "LayerNorm" not in n for n, p in model.named_parameters()}
     groups = [
@@ -151,14 +161,34 @@ def shard_order(num_rows: int, epoch: int, seed: int, rank: int, world_size: int
     return np.resize(rng.permutation(num_rows), shard_rows * world_size)[rank::world_size], rng
 
 
-def train_epoch(trainee: Trainee, batches: list[np.ndarray], data: dict[str, Any], loss_fn: nn.Module) -> float:
+def make_loss(cfg: dict[str, Any]) -> LossFn:
+    """Cross-entropy on the true tags; with the teacher's logits (distillation), mixed with the divergence from the
+    teacher's softened probabilities (Hinton et al. 2015): alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE."""
+    labels = torch.as_tensor(np.asarray(cfg["train_labels"]))
+    cross_entropy = nn.CrossEntropyLoss(label_smoothing=float(cfg.get("label_smoothing", 0.0)))
+    if cfg.get(TEACHER_LOGITS_KEY) is None:
+        return lambda logits, rows: cross_entropy(logits, labels[torch.from_numpy(rows)])
+    teacher = torch.as_tensor(np.asarray(cfg[TEACHER_LOGITS_KEY], dtype=np.float32))
+    alpha, temperature = float(cfg[DISTILL_ALPHA_KEY]), float(cfg[DISTILL_TEMPERATURE_KEY])
+
+    def loss(logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(rows)
+        soft = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / temperature, dim=-1),
+            nn.functional.log_softmax(teacher[index] / temperature, dim=-1), reduction="batchmean", log_target=True,
+        )
+        return alpha * temperature**2 * soft + (1.0 - alpha) * cross_entropy(logits, labels[index])
+
+    return loss
+
+
+def train_epoch(trainee: Trainee, batches: list[np.ndarray], data: dict[str, Any], loss_fn: LossFn) -> float:
     """One pass over this worker's batches; returns the mean training loss per row."""
     trainee.model.train()
-    labels = np.asarray(data["train_labels"])
     total, count = 0.0, 0
     for rows in batches:
         input_ids, mask = pad_batch([data["train_ids"][i] for i in rows], int(data["pad_id"]))
-        loss = loss_fn(trainee.model(torch.from_numpy(input_ids), torch.from_numpy(mask)), torch.from_numpy(labels[rows]))
+        loss = loss_fn(trainee.model(torch.from_numpy(input_ids), torch.from_numpy(mask)), rows)
         trainee.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), 1.0)
@@ -306,7 +336,7 @@ def run_training(
     lengths = np.asarray([len(row) for row in cfg["train_ids"]])
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / world_size) / batch_size)
     trainee = make_trainee(cfg, world_size, steps_per_epoch * num_epochs, wrap_model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg.get("label_smoothing", 0.0)))
+    loss_fn = make_loss(cfg)
     log_epoch = epoch_logger(cfg) if rank == 0 else (lambda metrics, epoch: None)
     progress = restore(resume_from, trainee) if resume_from else Progress()
     history = progress.history
