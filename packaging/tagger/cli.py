@@ -406,15 +406,15 @@ def train(run_name: str | None, **values: Any) -> None:
          "layers, the last kept).")
 @setting("--alpha", DistillConfig, click.FloatRange(0, 1), help="Weight of the teacher's soft labels in the loss "
          "(the rest: the true tags).")
-@setting("--temperature", DistillConfig, click.FloatRange(0, min_open=True), help="Softens both logits for the "
-         "soft-label loss.")
+@setting("--soft-temperature", DistillConfig, click.FloatRange(0, min_open=True), help="Softens both logits for the "
+         "soft-label loss (not the calibration temperature, which the run fits on its validation rows).")
 @click.option("--run-name", type=Blankable(str), default=None, help="MLflow run name.")
 def distill(run_name: str | None, **values: Any) -> None:
     """Distil a registered teacher into a student with fewer encoder layers: one ordinary training run on Ray Train."""
     from tagger.distill import distill as distill_model
 
     values = given(values)
-    own = {name: values.pop(name) for name in ("teacher", "layers", "alpha", "temperature") if name in values}
+    own = {name: values.pop(name) for name in ("teacher", "layers", "alpha", "soft_temperature") if name in values}
     result = distill_model(DistillConfig(train=TrainConfig(**values), **own), run_name=run_name)
     click.echo(json.dumps({
         "run_id": result.run_id, "best_epoch": result.best_epoch,

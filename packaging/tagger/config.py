@@ -97,7 +97,7 @@ class DistillConfig:
     layers: int = 4  # encoder layers of the student, from evenly spaced teacher layers (the last kept); 4 of
     # all-MiniLM-L6-v2's 6 kept holdout F1 within 0.01 of the teacher, 3 did not (docs/benchmarks.md)
     alpha: float = 0.5  # weight of the teacher's soft labels in the loss; 1 - alpha: the true tags
-    temperature: float = 2.0  # teacher and student logits are divided by it before the soft-label softmax
+    soft_temperature: float = 2.0  # teacher and student logits are divided by it before the soft-label softmax
 
 
 @dataclass(frozen=True)

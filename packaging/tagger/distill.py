@@ -110,7 +110,7 @@ def teacher_extras(
     teacher: Any, labels: dict[str, int], config: DistillConfig
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """The loop config entries distillation adds, from the tokenized data (tagger.train.train's `loop_extras`):
-    the teacher's logits of the training rows, alpha, the temperature and the teacher's head."""
+    the teacher's logits of the training rows, alpha, the soft-label temperature and the teacher's head."""
     import torch
 
     from mlflow_model.batching import batched_logits
@@ -126,7 +126,7 @@ def teacher_extras(
         teacher_logits = batched_logits(logits, data["train_ids"], TEACHER_BATCH_ROWS, int(data["pad_id"]))[:, order]
         head = {"weight": teacher.fc1.weight.detach()[order].tolist(), "bias": teacher.fc1.bias.detach()[order].tolist()}
         return {TEACHER_LOGITS_KEY: teacher_logits.tolist(), DISTILL_ALPHA_KEY: config.alpha,
-                DISTILL_TEMPERATURE_KEY: config.temperature, INIT_HEAD_KEY: head}
+                DISTILL_TEMPERATURE_KEY: config.soft_temperature, INIT_HEAD_KEY: head}
 
     return extras
 
@@ -146,7 +146,7 @@ def distill(config: DistillConfig, run_name: str | None = None) -> TrainResult:
             "teacher": f"{version.name} version {version.version}", "teacher_model": version.name,
             "teacher_version": str(version.version), "teacher_run_id": teacher_run, "teacher_uri": config.teacher,
             "layers": f"{config.layers} of {teacher_layers}", "layer_map": ",".join(map(str, layers)),
-            "alpha": str(config.alpha), "temperature": str(config.temperature),
+            "alpha": str(config.alpha), "soft_temperature": str(config.soft_temperature),
         }
         tags = {ENCODER_ARTIFACT_TAG: ENCODER_ARTIFACT} | {f"{DISTILL_TAG_PREFIX}{k}": v for k, v in links.items()}
         run_name = run_name or f"distill-L{config.layers}-from-{version.name}-v{version.version}"
