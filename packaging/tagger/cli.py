@@ -373,19 +373,23 @@ def train_options(function: Any) -> Any:
     return function
 
 
-@cli.command()
-@train_options
-@setting("--num-epochs", TrainConfig, WholeNumber())
-@setting("--batch-size", TrainConfig, WholeNumber(), help="Global batch size (split between workers).")
-@setting("--lr", TrainConfig, click.FloatRange(0, min_open=True), help="Peak learning rate.")
-@setting("--dropout-p", TrainConfig, click.FloatRange(0, 1, max_open=True), help="Dropout before the head.")
-@setting("--seed", TrainConfig, WholeNumber(minimum=0), help="Seed of the split, the head and the batch order.")
-@click.option("--run-name", type=Blankable(str), default=None, help="MLflow run name.")
-def train(run_name: str | None, **values: Any) -> None:
-    """Fine-tune the classifier on Ray Train; one MLflow run with metrics and its best checkpoint."""
-    from tagger.train import train as train_model
+def single_run_options(function: Any) -> Any:
+    """The hyperparameters of one run, shared by `train` and `distill` (`sweep` takes lists of them)."""
+    T = TrainConfig  # noqa: N806
+    options = [
+        setting("--num-epochs", T, WholeNumber()),
+        setting("--batch-size", T, WholeNumber(), help="Global batch size (split between workers)."),
+        setting("--lr", T, click.FloatRange(0, min_open=True), help="Peak learning rate."),
+        setting("--dropout-p", T, click.FloatRange(0, 1, max_open=True), help="Dropout before the head."),
+        setting("--seed", T, WholeNumber(minimum=0), help="Seed of the split, the head and the batch order."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
-    result = train_model(TrainConfig(**given(values)), run_name=run_name)
+
+def echo_run_summary(result: Any) -> None:
+    """The finished run as one JSON line: its id, best epoch and scores, and how long it trained."""
     click.echo(json.dumps({
         "run_id": result.run_id, "best_epoch": result.best_epoch,
         "val_loss": round(result.best_metrics["val_loss"], 4), "val_f1": round(result.best_metrics["val_f1"], 4),
@@ -395,11 +399,19 @@ def train(run_name: str | None, **values: Any) -> None:
 
 @cli.command()
 @train_options
-@setting("--num-epochs", TrainConfig, WholeNumber())
-@setting("--batch-size", TrainConfig, WholeNumber(), help="Global batch size (split between workers).")
-@setting("--lr", TrainConfig, click.FloatRange(0, min_open=True), help="Peak learning rate.")
-@setting("--dropout-p", TrainConfig, click.FloatRange(0, 1, max_open=True), help="Dropout before the head.")
-@setting("--seed", TrainConfig, WholeNumber(minimum=0), help="Seed of the split, the head and the batch order.")
+@single_run_options
+@click.option("--run-name", type=Blankable(str), default=None, help="MLflow run name.")
+def train(run_name: str | None, **values: Any) -> None:
+    """Fine-tune the classifier on Ray Train; one MLflow run with metrics and its best checkpoint."""
+    from tagger.train import train as train_model
+
+    result = train_model(TrainConfig(**given(values)), run_name=run_name)
+    echo_run_summary(result)
+
+
+@cli.command()
+@train_options
+@single_run_options
 @setting("--teacher", DistillConfig, help="Registered teacher version: models:/NAME@ALIAS, models:/NAME/N or "
          "models:/NAME/STAGE.")
 @setting("--layers", DistillConfig, WholeNumber(), help="Encoder layers of the student (evenly spaced teacher "
@@ -416,11 +428,7 @@ def distill(run_name: str | None, **values: Any) -> None:
     values = given(values)
     own = {name: values.pop(name) for name in ("teacher", "layers", "alpha", "soft_temperature") if name in values}
     result = distill_model(DistillConfig(train=TrainConfig(**values), **own), run_name=run_name)
-    click.echo(json.dumps({
-        "run_id": result.run_id, "best_epoch": result.best_epoch,
-        "val_loss": round(result.best_metrics["val_loss"], 4), "val_f1": round(result.best_metrics["val_f1"], 4),
-        "train_minutes": round(result.train_seconds / 60, 2),
-    }))
+    echo_run_summary(result)
 
 
 def number_list(kind: type) -> Any:
