@@ -22,7 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"  # in the encoder artifact: what the predictor
 TRACE_FILE = "model.torchscript"  # in the checkpoint artifact of a torch fp32 build: its trace, without weights
 ONNX_FILE = "model.onnx"  # in the checkpoint artifact of an ONNX build, instead of the weights
 ONNX_WEIGHTS_FILE = "model.onnx.data"  # ...beside it, its weights (ONNX external data: mapped, not copied, at load)
-VERIFY_KEY_VARIABLE = "TAGGER_VERIFY_KEY"  # a public key file: every loader in this process checks the model's signature
+VERIFY_KEY_VARIABLE = "TAGGER_VERIFY_KEY"  # a public key file: tagger's loaders verify a downloaded copy first; load_context checks too
 MODELS_WORKERS_VARIABLE = "MLFLOW_MODELS_WORKERS"  # MLflow's own: `mlflow models serve --workers`, as a variable
 BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).

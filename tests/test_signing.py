@@ -252,6 +252,19 @@ def test_tagger_serve_and_batch_predict_refuse_an_unsigned_model_before_ray_star
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
+def test_taggers_own_commands_load_only_a_verified_copy_when_a_key_is_set(packaged_store, keys, tmp_path):
+    model = shutil.copytree(packaged_store.local, tmp_path / "unsigned", ignore=shutil.ignore_patterns("registered_model_meta"))
+    pd.DataFrame({"title": ["x"], "description": ["y"], "tag": ["mlops"]}).to_csv(tmp_path / "l.csv", index=False)
+    for command in (["predict", "--title", "bert", "--model-uri", str(model)],
+                    ["evaluate", "--model-uri", str(model), "--dataset-loc", str(tmp_path / "l.csv")]):
+        outcome = CliRunner().invoke(cli, command, env={VERIFY_KEY_VARIABLE: str(keys["team"][1])})
+        assert outcome.exit_code == 1 and "SignatureError" in outcome.output and "is not signed" in outcome.output
+        assert outcome.output.count("\n") == 1, outcome.output
+    answered = CliRunner().invoke(cli, ["predict", "--title", "bert", "--model-uri", str(model)],
+                                  env={VERIFY_KEY_VARIABLE: ""})  # without a key: as before
+    assert answered.exit_code == 0 and '"prediction"' in answered.output, answered.output
+
+
 @slow
 def test_a_replica_and_an_actor_load_a_signed_version_and_refuse_an_unsigned_one(signed, packaged, keys, tmp_path):
     from tagger.batch_predict import TaggerActor

@@ -232,10 +232,11 @@ def promote(model_name: str | None, version: str | None, eval_dataset: str | Non
 @click.option("--model-uri", type=Blankable(str), default=None, help=f"Model to query. [default: {champion_uri()}]")
 def predict(title: str, description: str, model_uri: str | None) -> None:
     """Predict the tag of one project and print it as JSON."""
-    import mlflow
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri or champion_uri())
+    from tagger.signing import load_model
+
+    model = load_model(model_uri or champion_uri())
     result = model.predict(pd.DataFrame({"title": [title], "description": [description]}))
     click.echo(json.dumps(result.to_dict(orient="records"), indent=2))
 

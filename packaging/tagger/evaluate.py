@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 
+from mlflow_model.errors import TaggerError
 from mlflow_model.preprocess import prepare_texts
 from tagger.calibration import brier, ece, ece_noise_floor, reliability_bins, top_confidence
 from tagger.config import EvaluateConfig
@@ -29,6 +30,7 @@ from tagger.figures import confusion_figure, per_tag_figure, reliability_figure,
 from tagger.metrics import per_class_scores, scores
 from tagger.records import dataset_name, evaluate_run_name, mlflow_dataset, name_and_describe, version_label
 from tagger.registry import refresh_headline
+from tagger.signing import load_model as load_checked
 
 OVERALL_METRICS = ("accuracy", "precision", "recall", "f1")  # run metrics; the rest goes into the table
 CALIBRATION_METRICS = ("ece", "ece_noise_floor", "brier", "mean_confidence", "top_accuracy")  # run metrics too
@@ -63,7 +65,9 @@ def resolve_model(model_uri: str) -> tuple[ModelVersion | None, str | None]:
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """The pyfunc model, or a RunSelectionError saying why it cannot be loaded."""
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        return load_checked(model_uri)
+    except TaggerError:  # a model that fails its integrity or signature check: as it is
+        raise
     except MlflowException as error:
         raise RunSelectionError(f"cannot load model {model_uri!r}: {error.message}") from error
 

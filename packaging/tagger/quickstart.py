@@ -14,6 +14,7 @@ from tagger.errors import PromotionRefused
 from tagger.gate import gated_promote
 from tagger.package import package_best_run
 from tagger.records import plural
+from tagger.signing import load_model
 from tagger.train import train
 
 EXAMPLES = pd.DataFrame(
@@ -91,7 +92,7 @@ def quickstart(config: QuickstartConfig) -> pd.DataFrame:
         print(f"      {refused.message}", flush=True)
     uri = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}"
     print(f"[4/4] Predicting with {uri}", flush=True)
-    predictions = mlflow.pyfunc.load_model(uri).predict(EXAMPLES)
+    predictions = load_model(uri).predict(EXAMPLES)
     table = EXAMPLES[["title"]].assign(
         prediction=predictions["prediction"],
         confidence=[round(max(p.values()), 3) for p in predictions["probabilities"]],

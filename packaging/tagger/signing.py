@@ -21,9 +21,9 @@ from typing import Any
 
 import mlflow
 
-from mlflow_model.config import VERIFY_KEY_VARIABLE
+from mlflow_model.config import VERIFY_KEY_VARIABLE, verify_key_path
 from mlflow_model.signature import (
-    SIGNATURE_FILE, byproducts, fingerprint, hashing_config, import_model_signing, verify_model,
+    SIGNATURE_FILE, byproducts, fingerprint, hashing_config, import_model_signing, read_public_key, verify_model,
 )
 from tagger.errors import OptionError, ServiceError, one_line
 
@@ -157,6 +157,15 @@ def load_verified(model_uri: str, public_key_pem: bytes, **load_options: Any) ->
         return mlflow.pyfunc.load_model(str(folder), **load_options)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_model(model_uri: str, **load_options: Any) -> Any:
+    """What tagger's own commands load (predict, evaluate, the promotion gate, the quickstart): with a verification
+    key in this process (TAGGER_VERIFY_KEY), a verified copy, else `mlflow.pyfunc.load_model` as it is."""
+    key_path = verify_key_path()
+    if key_path is None:
+        return mlflow.pyfunc.load_model(model_uri, **load_options)
+    return load_verified(model_uri, read_public_key(key_path), **load_options)
 
 
 @contextlib.contextmanager
