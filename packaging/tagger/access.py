@@ -24,6 +24,7 @@ from mlflow.utils.rest_utils import http_request
 
 from tagger.config import MODEL_NAME
 from tagger.errors import AuthenticationError, PermissionDeniedError
+from tagger.sessions import shown_uri
 
 # The basic-auth app's own REST API (mlflow.server.auth.routes; not imported: that module loads the server).
 USER_API = "/api/2.0/mlflow/users/get"  # the caller's own account: is_admin
@@ -175,7 +176,7 @@ def access_error(error: BaseException, command: str, params: dict[str, Any]) -> 
     if refused is None:
         return None
     status, endpoint = refused
-    user, server = tracking_user(), server_of(mlflow.get_tracking_uri()) or mlflow.get_tracking_uri()
+    user, server = tracking_user(), server_of(mlflow.get_tracking_uri()) or shown_uri(mlflow.get_tracking_uri())
     if status == 401:
         return authentication_error(server, user)
     return PermissionDeniedError(

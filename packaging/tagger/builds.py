@@ -20,6 +20,7 @@ from mlflow_model.preprocess import load_tokenizer, prepare_texts, tokenize
 from tagger.data import load_data, stratified_split
 from tagger.errors import DatasetError
 from tagger.metrics import scores
+from tagger.runs import trained_param
 
 logger = logging.getLogger(__name__)
 NOT_MEASURED = "not measured"
@@ -44,14 +45,15 @@ def training_rows(params: dict[str, str], count: int = CALIBRATION_ROWS, seed: i
     when its dataset cannot be read here."""
     from tagger.config import TrainConfig
 
-    dataset = params.get("resolved.dataset_loc") or params.get("dataset_loc")
+    dataset = trained_param(params, "dataset_loc")
     if not dataset:
         logger.warning("the run logged no dataset_loc: its training rows are unknown")
         return None
     try:
-        frame = load_data(dataset, int(params["num_samples"]) if params.get("num_samples", "None") != "None" else None)
-        val_size = float(params.get("val_size", TrainConfig.val_size))
-        train, _ = stratified_split(frame, val_size, int(params.get("seed", TrainConfig.seed)))
+        samples = trained_param(params, "num_samples")
+        frame = load_data(dataset, int(samples) if samples not in (None, "None") else None)
+        val_size = float(trained_param(params, "val_size") or TrainConfig.val_size)
+        train, _ = stratified_split(frame, val_size, int(trained_param(params, "seed") or TrainConfig.seed))
     except (DatasetError, KeyError, TypeError, ValueError) as error:
         logger.warning("the training rows of the run cannot be read (%s): %s", dataset, error)
         return None

@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -22,15 +21,10 @@ from tagger.config import DISTILL_TAG_PREFIX, SHIPPED_DATASET, PackageConfig, de
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
 from tagger.registry import register_version, version_description
-from tagger.runs import ranking_value, run_encoder, select_checkpoint
+from tagger.runs import ranking_value, run_encoder, select_checkpoint, trained_param
 from tagger.signing import public_key_of, sign_logged_model
 
 SIGNED_TAG = "signed"  # version tag: "true" when `model.sig` signs every file of the version, else "false"
-
-
-def trained_param(run: Run, name: str) -> str | None:
-    """A training param as resolved by the trainer (`resolved.` first, see tagger.train.run_params)."""
-    return run.data.params.get(f"resolved.{name}") or run.data.params.get(name) or None
 
 
 def signing_metadata(key: str | None) -> dict[str, str]:
@@ -77,10 +71,10 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         source = mlflow.get_run(run_id)
         metric_value = ranking_value(source.data.metrics, config.metric)  # the best epoch's, when the run logged it
         own_encoder = None if config.base_model else run_encoder(source, f"{tmp}/encoder")  # a student's
-        base_model = config.base_model or own_encoder or trained_param(source, "base_model") or default_base_model()
-        encoder = (own_encoder and trained_param(source, "encoder")) or encoder_name(base_model)
+        base_model = config.base_model or own_encoder or trained_param(source.data.params, "base_model") or default_base_model()
+        encoder = (own_encoder and trained_param(source.data.params, "encoder")) or encoder_name(base_model)
         predictor = config.predictor if config.trace else replace(config.predictor, forward="eager")
-        trained_length = trained_param(source, "max_length")
+        trained_length = trained_param(source.data.params, "max_length")
         if predictor.max_length is None and trained_length:  # serve with the truncation it was trained with
             predictor = replace(predictor, max_length=int(trained_length))
         reference = stage_artifacts(checkpoint_dir, base_model, f"{tmp}/model")
@@ -113,7 +107,7 @@ def package_best_run(config: PackageConfig) -> ModelVersion:
         "forward": predictor.forward,
         "training_run": source.info.run_name,
         "encoder": encoder,
-        "num_epochs": trained_param(source, "num_epochs") or "",
+        "num_epochs": trained_param(source.data.params, "num_epochs") or "",
         "selected_by": f"{config.metric} {config.mode}",
         "temperature": f"{temperature:.6g}",
         "temperature.source": calibration["source"],

@@ -16,9 +16,15 @@ from mlflow.tracking import MlflowClient
 from mlflow_model.checkpoint import ARGS_FILE, SAFETENSORS_FILE, TORCH_FILE
 from tagger.config import BEST_PREFIX, CHECKPOINT_TAG, ENCODER_ARTIFACT_TAG, PackageConfig
 from tagger.errors import RunSelectionError, one_line
+from tagger.sessions import shown_uri
 
 RAY_PROGRESS_FILE = "progress.csv"  # Ray trial folders: one row per report, with checkpoint_dir_name
 _MAX_DEPTH = 4
+
+
+def trained_param(params: dict[str, str], name: str) -> str | None:
+    """A training param as resolved by the trainer (`resolved.` first, see tagger.train.run_params)."""
+    return params.get(f"resolved.{name}") or params.get(name) or None
 
 
 def ranking_key(metrics: Mapping[str, float], metric: str) -> str:
@@ -51,7 +57,7 @@ def ranked_run_ids(experiment_name: str, metric: str = "val_loss", mode: str = "
     if mode not in ("ASC", "DESC"):
         raise RunSelectionError(f"mode must be ASC or DESC, got {mode!r}")
     if mlflow.get_experiment_by_name(experiment_name) is None:
-        raise RunSelectionError(f"experiment {experiment_name!r} does not exist at {mlflow.get_tracking_uri()}")
+        raise RunSelectionError(f"experiment {experiment_name!r} does not exist at {shown_uri(mlflow.get_tracking_uri())}")
     runs = mlflow.search_runs(experiment_names=[experiment_name], filter_string="attributes.status = 'FINISHED'")
     if runs.empty:
         raise RunSelectionError(f"experiment {experiment_name!r} has no finished runs")
@@ -151,7 +157,7 @@ def check_chosen_run(run_id: str, experiment_name: str, metric: str) -> None:
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
-        raise RunSelectionError(f"run {run_id} does not exist at {mlflow.get_tracking_uri()}") from error
+        raise RunSelectionError(f"run {run_id} does not exist at {shown_uri(mlflow.get_tracking_uri())}") from error
     experiment = client.get_experiment(run.info.experiment_id).name
     if experiment != experiment_name:
         raise RunSelectionError(f"run {run_id} belongs to experiment {experiment!r}, not {experiment_name!r}")

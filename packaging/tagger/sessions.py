@@ -31,6 +31,14 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "m
 CONNECT_TIMEOUT_S = 10.0  # an unreachable tracking server or Ray cluster is reported after this
 
 
+def shown_uri(uri: str) -> str:
+    """A URI as tagger prints it: a password inside it (postgresql://user:PASSWORD@host/db) replaced by ***."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """The tracking URI with a relative sqlite/file path made absolute (Ray workers run elsewhere)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

@@ -39,7 +39,7 @@ from tagger.config import BEST_PREFIX, CHECKPOINT_TAG, SCHEDULERS, SHIPPED_DATAS
 from tagger.data import class_to_index, load_data, stratified_split
 from tagger.errors import DatasetError, TrainConfigError, TrainingError
 from tagger.records import dataset_name, encoder_name, log_dataset, plural, set_note, short_number, train_run_name
-from tagger.sessions import absolute_tracking_uri, experiment_for_run, open_run, ray_session
+from tagger.sessions import absolute_tracking_uri, experiment_for_run, open_run, ray_session, shown_uri
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_ece", "val_ece_calibrated",
                "val_loss_calibrated", "temperature")
@@ -294,7 +294,7 @@ def train(
     config = config.replace(experiment_name=experiment_for_run(client, config.experiment_name))
     run_name = run_name or train_run_name(config)
     run_id, experiment_id, owned = open_run(client, config.experiment_name, run_name, tags or {}, reuse_parent)
-    print(f"MLflow run {run_name} ({run_id}, experiment {config.experiment_name!r}, tracking {tracking_uri})")
+    print(f"MLflow run {run_name} ({run_id}, experiment {config.experiment_name!r}, tracking {shown_uri(tracking_uri)})")
     status = "FAILED"
     try:
         name_run(client, run_id, run_name)
