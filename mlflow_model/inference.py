@@ -107,7 +107,7 @@ class InferenceThread:
             self._threads[-1].start()
 
     def submit(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Probabilities of these rows (rows x classes, input order), computed on the inference thread.
+        """Logits of these rows (rows x classes, input order), computed on the inference thread.
 
         A request of more than `max_batch_rows` rows is length-sorted as a whole before it is cut into
         chunks, so that each chunk holds rows of similar length (less padding than unsorted chunks).
@@ -198,9 +198,9 @@ class InferenceThread:
         token_ids = [ids for chunk in batch for ids in chunk.rows]
         try:
             batch_size = min(chunk.request.batch_size for chunk in batch)
-            probabilities = self.forward(token_ids, batch_size)
-            if len(probabilities) != len(token_ids):
-                raise ValueError(f"forward returned {len(probabilities)} rows for {len(token_ids)}")
+            logits = self.forward(token_ids, batch_size)
+            if len(logits) != len(token_ids):
+                raise ValueError(f"forward returned {len(logits)} rows for {len(token_ids)}")
             if self.on_batch is not None:
                 self.on_batch(len(token_ids))
         except Exception as error:  # noqa: BLE001 - fails this batch only; the thread keeps serving
@@ -212,7 +212,7 @@ class InferenceThread:
         for chunk in batch:
             size = chunk.stop - chunk.start
             if chunk.request.error is None:
-                chunk.request.deliver(chunk.start, probabilities[offset : offset + size])
+                chunk.request.deliver(chunk.start, logits[offset : offset + size])
             offset += size
 
     def _fail_queued(self, reason: str) -> None:

@@ -18,6 +18,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from mlflow_model.checkpoint import write_calibration
+from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
+from tagger.config import PackageConfig
+from tagger.records import dataset_name
+
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 LOG_T_RANGE = (-3.0, 3.0)  # the fitted temperature lies in [e^-3, e^3] = [0.05, 20]
 TEMPERATURE_CHOICES = ("auto", "none")  # `package --temperature`: besides a number > 0
@@ -200,3 +205,21 @@ def packaged_temperature(
         return 1.0, {"source": "checkpoint without one"}
     details = {k: v for k, v in json.loads(own.read_text()).items() if k not in ("temperature", "source")}
     return read_temperature(checkpoint_dir), {"source": "checkpoint", **details}
+
+
+def calibrate(config: PackageConfig, staged: dict[str, str]) -> tuple[float, dict]:
+    """Choose the temperature (--temperature, --calibration-dataset) and write it into the staged checkpoint."""
+    temperature, details = packaged_temperature(config.temperature, config.calibration_dataset,
+                                                staged[CHECKPOINT_ARTIFACT], staged[ENCODER_ARTIFACT])
+    write_calibration(staged[CHECKPOINT_ARTIFACT], temperature, **details)
+    return temperature, details
+
+
+def describe_calibration(details: dict) -> str:
+    """Where the packaged temperature comes from, in words."""
+    source = details["source"]
+    if source == "checkpoint":
+        return f"fitted on the training run's {details.get('fitted_on', 'validation split')}"
+    if source == "refit":
+        return f"refitted at packaging on `{dataset_name(details['fitted_on'])}` ({details['rows']} rows)"
+    return {"none": "calibration turned off", "given": "given at packaging"}.get(source, "the checkpoint has none")

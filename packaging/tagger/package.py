@@ -9,54 +9,18 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from mlflow_model.checkpoint import write_calibration
-from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT
 from mlflow_model.engines import STATIC_INT8, build_name
-from mlflow_model.signature import FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, fingerprint
+from mlflow_model.signature import FINGERPRINT_METADATA, fingerprint
 from tagger.access import registry_needs, require
 from tagger.builds import accuracy_change, f1_metrics, is_reference, make_build, training_rows
 from tagger.bundle import INPUT_EXAMPLE, final_settings, log_pyfunc, stage_artifacts
-from tagger.calibration import calibration_choice, packaged_temperature
+from tagger.calibration import calibrate, calibration_choice, describe_calibration
 from tagger.config import DISTILL_TAG_PREFIX, SHIPPED_DATASET, PackageConfig, default_base_model
 from tagger.data import load_data
 from tagger.records import dataset_name, encoder_name, run_link
 from tagger.registry import register_version, version_description
 from tagger.runs import ranking_value, run_encoder, select_checkpoint, trained_param
-from tagger.signing import public_key_of, sign_logged_model
-
-SIGNED_TAG = "signed"  # version tag: "true" when `model.sig` signs every file of the version, else "false"
-
-
-def signing_metadata(key: str | None) -> dict[str, str]:
-    """MLmodel metadata of a model that will be signed: its signature file and the key's fingerprint (else none)."""
-    return {SIGNATURE_METADATA: SIGNATURE_FILE, FINGERPRINT_METADATA: key} if key else {}
-
-
-def signing_line(key: str | None) -> str:
-    """The version description's line on its signature."""
-    if not key:
-        return "**Signed**: no (servers with a verification key refuse this version)"
-    return (f"**Signed**: every file, in `{SIGNATURE_FILE}` (OpenSSF model-signing, elliptic key), by the key with "
-            f"SHA-256 fingerprint `{key}`; check with `tagger verify --public-key KEY.pub --model-uri URI`")
-
-
-def calibrate(config: PackageConfig, staged: dict[str, str]) -> tuple[float, dict]:
-    """Choose the temperature (--temperature, --calibration-dataset) and write it into the staged checkpoint."""
-    temperature, details = packaged_temperature(config.temperature, config.calibration_dataset,
-                                                staged[CHECKPOINT_ARTIFACT], staged[ENCODER_ARTIFACT])
-    write_calibration(staged[CHECKPOINT_ARTIFACT], temperature, **details)
-    return temperature, details
-
-
-def describe_calibration(details: dict) -> str:
-    """Where the packaged temperature comes from, in words."""
-    source = details["source"]
-    if source == "checkpoint":
-        return f"fitted on the training run's {details.get('fitted_on', 'validation split')}"
-    if source == "refit":
-        return f"refitted at packaging on `{dataset_name(details['fitted_on'])}` ({details['rows']} rows)"
-    return {"none": "calibration turned off", "given": "given at packaging"}.get(source, "the checkpoint has none")
-
+from tagger.signing import SIGNED_TAG, public_key_of, sign_logged_model, signing_line, signing_metadata
 
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""

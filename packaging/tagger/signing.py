@@ -23,13 +23,14 @@ import mlflow
 
 from mlflow_model.config import VERIFY_KEY_VARIABLE, verify_key_path
 from mlflow_model.signature import (
-    SIGNATURE_FILE, byproducts, fingerprint, hashing_config, import_model_signing, read_public_key, verify_model,
+    FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, byproducts, fingerprint, hashing_config, import_model_signing, read_public_key, verify_model,
 )
 from tagger.errors import OptionError, ServiceError, one_line
 
 PRIVATE_KEY_FILE = "tagger-signing.pem"  # `tagger keygen`: the private key (0600), for CI's secret store
 PUBLIC_KEY_FILE = "tagger-signing.pub"  # ...and the public key, for every server
 VERIFIED_PREFIX = "tagger-verified-"  # temporary folders holding a verified copy that a loader loads
+SIGNED_TAG = "signed"  # version tag: "true" when `model.sig` signs every file of the version, else "false"
 
 
 def generate_key_pair(folder: str | Path) -> tuple[Path, Path]:
@@ -41,14 +42,17 @@ def generate_key_pair(folder: str | Path) -> tuple[Path, Path]:
     private, public = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
     if private.exists() or public.exists():
         raise OptionError(f"{folder} already holds {PRIVATE_KEY_FILE} or {PUBLIC_KEY_FILE}; choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
-        handle.write(pem)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(pem)
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as error:
+        raise OptionError(f"cannot write the key pair into {folder}: {error.strerror or error}") from None
     return private, public
 
 
@@ -118,6 +122,19 @@ def sign_logged_model(model_id: str, private_key: str | Path, work_dir: str | Pa
     return key
 
 
+def signing_metadata(key: str | None) -> dict[str, str]:
+    """MLmodel metadata of a model that will be signed: its signature file and the key's fingerprint (else none)."""
+    return {SIGNATURE_METADATA: SIGNATURE_FILE, FINGERPRINT_METADATA: key} if key else {}
+
+
+def signing_line(key: str | None) -> str:
+    """The version description's line on its signature."""
+    if not key:
+        return "**Signed**: no (servers with a verification key refuse this version)"
+    return (f"**Signed**: every file, in `{SIGNATURE_FILE}` (OpenSSF model-signing, elliptic key), by the key with "
+            f"SHA-256 fingerprint `{key}`; check with `tagger verify --public-key KEY.pub --model-uri URI`")
+
+
 def fetch_verified(model_uri: str, public_key_pem: bytes, dest: str | Path | None = None) -> Path:
     """Download a model and verify its signature; the verified copy (dest, else a new temporary folder).
 
@@ -127,7 +144,10 @@ def fetch_verified(model_uri: str, public_key_pem: bytes, dest: str | Path | Non
     target = Path(dest) if dest else Path(tempfile.mkdtemp(prefix=VERIFIED_PREFIX))
     if dest and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OptionError(f"{target} already exists and is not an empty folder; name a new or empty folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OptionError(f"cannot make {target.parent}: {error.strerror or error}") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         try:
