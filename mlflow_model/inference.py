@@ -39,11 +39,11 @@ class _Request:
         self.pending = chunks  # chunks not answered yet
         self.done = threading.Event()
 
-    def deliver(self, start: int, probabilities: np.ndarray) -> None:
+    def deliver(self, start: int, logits: np.ndarray) -> None:
         """Store one chunk's rows; the request is done when its last chunk arrives."""
         if self.result is None:
-            self.result = np.empty((len(self.token_ids), *probabilities.shape[1:]), probabilities.dtype)
-        self.result[start : start + len(probabilities)] = probabilities
+            self.result = np.empty((len(self.token_ids), *logits.shape[1:]), logits.dtype)
+        self.result[start : start + len(logits)] = logits
         self.pending -= 1
         if self.pending == 0:
             self.done.set()
