@@ -69,6 +69,8 @@ def test_a_refused_request_becomes_one_line_naming_user_action_and_permission(mo
         login = access_error(refused("/api/2.0/mlflow/experiments/get-by-name", 401), "package", {})
         upload = access_error(http_error("PUT", "http://127.0.0.1:5999/api/2.0/mlflow-artifacts/artifacts/1/x", 403),
                               "package", {"experiment_name": "team"})
+        teacher = access_error(refused("/api/2.0/mlflow/registered-models/get", 403), "distill",
+                               {"teacher": "models:/team-tagger@champion", "experiment_name": "students"})
         assert access_error(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"), "package", {}) is None
     assert isinstance(alias, PermissionDeniedError) and isinstance(login, AuthenticationError)
     assert alias.message == ("user 'reader' may not promote 'tagger': needs EDIT on the registered model 'tagger' "
@@ -81,6 +83,8 @@ def test_a_refused_request_becomes_one_line_naming_user_action_and_permission(mo
                              f"password ({CREDENTIALS_HINT})")
     assert upload.message == ("user 'reader' may not package 'team' into 'tagger': needs EDIT on the experiment "
                               "'team' (the server refused PUT /api/2.0/mlflow-artifacts/artifacts/1/x)")
+    assert teacher.message.startswith("user 'reader' may not distil models:/team-tagger@champion in experiment "
+                                      "'students': needs READ on the registered model 'team-tagger'")
     assert all(READER_PASSWORD not in error.message for error in (alias, run, read, login, upload))
 
 

@@ -43,6 +43,7 @@ ACTIONS = {  # command -> what the user tried, from the command's options
     "train": "train in experiment {experiment}", "sweep": "run a sweep in experiment {experiment}",
     "package": "package {experiment} into {model}", "promote": "promote {model}", "evaluate": "evaluate {uri}",
     "predict": "load {uri}", "batch-predict": "load {uri}", "serve": "serve {uri}", "verify": "read {uri}",
+    "fetch": "download {uri}", "distill": "distil {teacher} in experiment {experiment}",
 }
 
 
@@ -144,8 +145,9 @@ def refused_request(error: BaseException) -> tuple[int, str] | None:
 
 
 def model_of(params: dict[str, Any]) -> str:
-    """The registered model a command works on: --model-name, the name in a models:/ URI, else tagger."""
-    uri = params.get("model_uri") or ""
+    """The registered model a command works on: --model-name, the name in a models:/ URI (a teacher's too), else
+    tagger."""
+    uri = params.get("model_uri") or params.get("teacher") or ""
     if uri.startswith("models:/"):
         return re.split(r"[/@]", uri.removeprefix("models:/"), maxsplit=1)[0]
     return params.get("model_name") or MODEL_NAME
@@ -163,7 +165,8 @@ def need_of(endpoint: str, params: dict[str, Any]) -> Need:
 def action_of(command: str, params: dict[str, Any]) -> str:
     """What the user tried, in words, e.g. "promote 'tagger'"."""
     words = {"experiment": repr(params.get("experiment_name") or "tagger"), "model": repr(model_of(params)),
-             "uri": params.get("model_uri") or f"models:/{model_of(params)}@champion"}
+             "uri": params.get("model_uri") or f"models:/{model_of(params)}@champion",
+             "teacher": params.get("teacher") or f"models:/{MODEL_NAME}@champion"}
     return ACTIONS.get(command, f"run {command}").format(**words)
 
 
