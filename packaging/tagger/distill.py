@@ -70,7 +70,8 @@ def load_teacher(version: ModelVersion, folder: Path) -> tuple[Any, Path, str, d
                                 "by `tagger package`?")
     model = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}",
                                                      dst_path=str(folder / "teacher")))
-    _, checkpoint = fetch_checkpoint(run_id, "val_loss", "ASC", folder / "teacher-checkpoint")
+    metric, mode = (version.tags.get("selected_by") or "val_loss ASC").split()  # the checkpoint it was packaged from
+    _, checkpoint = fetch_checkpoint(run_id, metric, mode, folder / "teacher-checkpoint")
     encoder = model / "artifacts" / ENCODER_ARTIFACT
     return load_finetuned(checkpoint, encoder), encoder, run_id, read_class_to_index(checkpoint)
 
