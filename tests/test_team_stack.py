@@ -345,7 +345,7 @@ def test_package_skips_a_run_whose_checkpoint_is_gone_and_promote_forces_past_an
     assert len(chosen.stderr.strip().splitlines()) == 1, output_of(chosen)
 
     first = client.get_model_version_download_uri("tagger", "1")
-    assert stack.delete(artifact_prefix(first)) > 0  # the champion can no longer be loaded
+    assert stack.delete(artifact_prefix(first)) > 0, first  # the champion can no longer be loaded
     gate = ("--version", "2", "--eval-dataset", champion["dataset"])
     refused = stack.run(sys.executable, "-m", "tagger", "promote", *gate)
     assert refused.returncode == 1, output_of(refused)
