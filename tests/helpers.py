@@ -127,26 +127,33 @@ def mlflow_store(uri: str, cwd: Path | None = None) -> Iterator[str]:
     """Use the tracking store + registry at `uri` inside the block, then give back exactly what was there before.
 
     MLflow keeps the store in globals *and* environment variables (set_tracking_uri sets
-    MLFLOW_TRACKING_URI, set_experiment sets MLFLOW_EXPERIMENT_ID): all of them are restored, so
+    MLFLOW_TRACKING_URI, set_registry_uri MLFLOW_REGISTRY_URI, set_experiment MLFLOW_EXPERIMENT_ID): all of
+    them are restored, so
     a store used by a session fixture never leaks into the tests that run after it.
     """
     from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     previous_uri, previous_experiment = tracking_utils._tracking_uri, fluent._active_experiment_id
+    previous_registry = registry_utils._registry_uri
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking store
         if cwd is not None:
             patch.chdir(cwd)  # a new store's default artifact root, ./mlruns, lands in cwd
         fluent._active_experiment_id = None  # forget the experiment an earlier store made active
+        registry_utils._registry_uri = None  # ...and a registry set inside a block (a batch actor built in-process)
         mlflow.set_tracking_uri(uri)
         try:
             yield uri
         finally:
             mlflow.set_tracking_uri(previous_uri)
             fluent._active_experiment_id = previous_experiment
-    # leaving the MonkeyPatch context restored MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID and the cwd
+            registry_utils._registry_uri = previous_registry
+    # leaving the MonkeyPatch context restored MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID / MLFLOW_REGISTRY_URI
+    # and the cwd
 
 
 @dataclass(frozen=True)

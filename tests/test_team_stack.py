@@ -286,7 +286,7 @@ def champion(stack) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_mlflow_run_train_logs_one_run_with_checkpoints_on_s3(stack, champion):
-    client = MlflowClient(stack.tracking_uri)
+    client = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
     team = client.get_experiment_by_name("team")
     runs = [run for run in client.search_runs([team.experiment_id]) if "checkpoint_path" in run.data.tags]
     assert [run.info.run_id for run in runs] == [champion["run_id"]]  # the run `mlflow run` made, no other
@@ -326,7 +326,7 @@ def test_the_champion_serves_and_batch_predicts_from_s3_to_s3_on_the_cluster(sta
 
 @pytest.mark.slow
 def test_package_skips_a_run_whose_checkpoint_is_gone_and_promote_forces_past_an_unloadable_champion(stack, champion):
-    client = MlflowClient(stack.tracking_uri)
+    client = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
     team = client.get_experiment_by_name("team").experiment_id
     gone = client.create_run(team, run_name="moved-away")  # the best run, but its artifacts are gone
     client.log_metric(gone.info.run_id, "best_val_loss", 0.0)
