@@ -1,16 +1,17 @@
-"""The ONNX engine: the classifier exported to ONNX, fused for ONNX Runtime, fp32, static int8 or dynamic int8.
+"""The ONNX engine: the classifier exported to ONNX, optimized for ONNX Runtime, fp32, static int8 or dynamic int8.
 
 At load it imports only onnxruntime (never torch or transformers). `build` runs at packaging
-only: it exports the torch model, fuses attention, LayerNorm and GELU with ONNX Runtime's BERT
-optimizer, quantizes for int8, and checks the result against the torch fp32 model on real rows
-before the build can be registered. Its build-time imports (torch, onnx) stay inside it.
+only: it exports the torch model, fuses GELU with its bias (ONNX Runtime's BERT optimizer),
+quantizes for int8, and checks the result against the torch fp32 model on real rows before
+the build can be registered. Its build-time imports (torch, onnx) stay inside it.
 
 - `int8` (static): the weight MatMuls (attention's Q/K/V and output projections, the FFN, the
-  pooler, the head) get int8 weights and uint8 activations whose scales are calibrated at
-  packaging on training rows, one row at a time (no padded position enters a range), and stored
-  in the graph. A row's answer is then the same whatever it is batched with.
-- `int8-dynamic`: int8 weights, activation scales computed per batch from the whole padded batch
-  (MatMuls and fused Attention): an answer depends on the other rows of its batch.
+  pooler, the head) get int8 weights and uint8 inputs whose scales are calibrated at packaging
+  on training rows, one row at a time (no padded position enters a range), and stored in the
+  graph; their outputs stay float (ONNX Runtime runs them as MatMulIntegerToFloat). A row's
+  answer is then the same whatever it is batched with.
+- `int8-dynamic`: int8 weights, activation scales computed per batch from the whole padded batch:
+  an answer depends on the other rows of its batch.
 """
 from __future__ import annotations
 
@@ -134,31 +135,31 @@ def export_onnx(model: FinetunedLLM, path: str | Path) -> Path:
     return path
 
 
-def optimize_onnx(
-    path: str | Path, out_path: str | Path, num_heads: int, hidden_size: int, separate_projections: bool = False
-) -> Path:
-    """Fuse attention, LayerNorm and GELU with onnxruntime.transformers' BERT optimizer.
+def optimize_onnx(path: str | Path, out_path: str | Path, num_heads: int, hidden_size: int) -> Path:
+    """Fuse GELU (with its bias) with onnxruntime.transformers' BERT optimizer, leaving attention and the
+    residual LayerNorms as plain ops.
 
-    separate_projections: fuse attention as MultiHeadAttention, whose Q/K/V projections stay MatMuls
-    that static quantization can quantize (a fused Attention op keeps them inside it, in fp32).
+    ONNX Runtime's fused Attention/MultiHeadAttention and SkipLayerNormalization kernels are slower on
+    AVX2 CPUs than the plain MatMul/Softmax and Add + LayerNormalization they replace (docs/builds.md:
+    every precision gained 10-20% without them), and without a fused Attention every Q/K/V projection
+    is a MatMul that static int8 quantizes.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
-    options.use_multi_head_attention = separate_projections
+    options.enable_attention = False
+    options.enable_skip_layer_norm = False
     optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                optimization_options=options)
     fused = optimized.get_fused_operator_statistics()
     logger.info("ONNX fusion: %s", {k: v for k, v in fused.items() if v})
-    if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
-        logger.warning("ONNX optimizer fused no attention in %s: the graph stays slow", path)
     optimized.save_model_to_file(str(out_path))
     return Path(out_path)
 
 
 def quantize_int8_dynamic(path: str | Path, out_path: str | Path) -> Path:
-    """Dynamic int8 (QInt8 weights per channel, activations quantized per batch) of MatMuls and Attention.
+    """Dynamic int8 (QInt8 weights per channel, activations quantized per batch) of the MatMuls.
 
     per_channel + reduce_range (7-bit weights): on AVX2 CPUs without VNNI the u8s8 kernels
     saturate with 8-bit weights, which cost accuracy (docs/benchmarks.md).
@@ -221,8 +222,12 @@ def with_activation_types(path: str | Path, out_path: str | Path) -> Path:
 
 def quantize_int8_static(path: str | Path, out_path: str | Path, calibration: Sequence[Sequence[int]]) -> Path:
     """Static int8 of the weight MatMuls: int8 weights per channel (7-bit, see quantize_int8_dynamic), uint8
-    activations whose scales are the MinMax ranges over the calibration rows, stored in the graph as
-    QuantizeLinear/DequantizeLinear pairs (QDQ), which ONNX Runtime fuses into int8 kernels at load."""
+    inputs whose scales are the MinMax ranges over the calibration rows, stored in the graph as
+    QuantizeLinear/DequantizeLinear pairs (QDQ), which ONNX Runtime fuses into int8 kernels at load.
+
+    The MatMuls' outputs are not quantized again: ONNX Runtime runs each as MatMulIntegerToFloat (int8
+    in, float out), faster here than QLinearMatMul's requantized output and closer to fp32.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -232,7 +237,7 @@ def quantize_int8_static(path: str | Path, out_path: str | Path, calibration: Se
         str(typed), str(out_path), CalibrationRows(calibration), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"], nodes_to_quantize=every, per_channel=True, reduce_range=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
     )
     return Path(out_path)
 
@@ -327,7 +332,7 @@ def build_graph(
     with tempfile.TemporaryDirectory() as scratch:
         plain = export_onnx(model, Path(scratch) / "plain.onnx")
         built = optimize_onnx(plain, Path(scratch) / "fused.onnx", encoder_config.num_attention_heads,
-                              encoder_config.hidden_size, separate_projections=precision == STATIC_INT8)
+                              encoder_config.hidden_size)
         check_export(model, built, samples, pad_id=pad_id)
         if precision == DYNAMIC_INT8:
             built = quantize_int8_dynamic(built, Path(scratch) / "int8.onnx")
