@@ -110,7 +110,7 @@ def _dummy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @contextmanager
 def _eager_attention(model: FinetunedLLM) -> Iterator[None]:
-    """Trace the classic attention pattern (ONNX Runtime's BERT optimizer fuses no SDPA graph)."""
+    """Trace the classic attention pattern (MatMul, Softmax): the graph every ONNX build was measured with."""
     previous = model.llm.config._attn_implementation
     model.llm.set_attn_implementation("eager")
     try:
