@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_model.config import ENCODER_ARTIFACT
 from tagger.config import DISTILL_TAG_PREFIX, ENCODER_ARTIFACT_TAG, DistillConfig
 from tagger.errors import OptionError, RunSelectionError
+from tagger.registry import selection_of
 from tagger.runs import fetch_checkpoint
 from tagger.train import TrainResult, train
 
@@ -70,8 +71,7 @@ def load_teacher(version: ModelVersion, folder: Path) -> tuple[Any, Path, str, d
                                 "by `tagger package`?")
     model = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}",
                                                      dst_path=str(folder / "teacher")))
-    metric, mode = (version.tags.get("selected_by") or "val_loss ASC").split()  # the checkpoint it was packaged from
-    _, checkpoint = fetch_checkpoint(run_id, metric, mode, folder / "teacher-checkpoint")
+    _, checkpoint = fetch_checkpoint(run_id, *selection_of(version.tags), folder / "teacher-checkpoint")  # as packaged
     encoder = model / "artifacts" / ENCODER_ARTIFACT
     return load_finetuned(checkpoint, encoder), encoder, run_id, read_class_to_index(checkpoint)
 

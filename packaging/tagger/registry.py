@@ -26,9 +26,15 @@ REGISTERED_AS = "**Registered as**: "  # the training run's description ends wit
 HEADLINE_END = "\n\n"  # a version description: the headline, a blank line, the details
 
 
+def selection_of(tags: dict[str, str]) -> tuple[str, str]:
+    """(metric, mode) a version's checkpoint was chosen by: its `selected_by` tag, else val_loss ASC."""
+    metric, mode = (tags.get("selected_by") or "val_loss ASC").split()
+    return metric, mode
+
+
 def version_headline(tags: dict[str, str]) -> str:
     """One readable line from a version's tags: its scores (evaluation F1 once known, val_loss), then its training."""
-    metric, prefix = tags.get("selected_by", "val_loss ASC").split()[0], EvaluateConfig().tag_prefix
+    metric, prefix = selection_of(tags)[0], EvaluateConfig().tag_prefix
     f1, dataset, ece = tags.get(f"{prefix}f1"), tags.get(f"{prefix}dataset", "?"), tags.get(f"{prefix}ece")
     experiment, run = tags.get(f"{prefix}experiment_id"), tags.get(f"{prefix}run_id")
     report = f" ({run_link(experiment, run, 'evaluation report')})" if experiment and run else ""
