@@ -127,9 +127,9 @@ def mlflow_store(uri: str, cwd: Path | None = None) -> Iterator[str]:
     """Use the tracking store + registry at `uri` inside the block, then give back exactly what was there before.
 
     MLflow keeps the store in globals *and* environment variables (set_tracking_uri sets
-    MLFLOW_TRACKING_URI, set_registry_uri MLFLOW_REGISTRY_URI, set_experiment MLFLOW_EXPERIMENT_ID): all of
-    them are restored, so
-    a store used by a session fixture never leaks into the tests that run after it.
+    MLFLOW_TRACKING_URI, set_registry_uri MLFLOW_REGISTRY_URI, set_experiment MLFLOW_EXPERIMENT_ID):
+    all of them are restored, so a store used by a session fixture never leaks into the tests that
+    run after it.
     """
     from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
-from tagger.config import MODEL_NAME
+from tagger.config import MODEL_NAME, champion_uri
 from tagger.errors import AuthenticationError, PermissionDeniedError
 from tagger.sessions import shown_uri
 
@@ -165,8 +165,8 @@ def need_of(endpoint: str, params: dict[str, Any]) -> Need:
 def action_of(command: str, params: dict[str, Any]) -> str:
     """What the user tried, in words, e.g. "promote 'tagger'"."""
     words = {"experiment": repr(params.get("experiment_name") or "tagger"), "model": repr(model_of(params)),
-             "uri": params.get("model_uri") or f"models:/{model_of(params)}@champion",
-             "teacher": params.get("teacher") or f"models:/{MODEL_NAME}@champion"}
+             "uri": params.get("model_uri") or champion_uri(model_of(params)),
+             "teacher": params.get("teacher") or champion_uri()}
     return ACTIONS.get(command, f"run {command}").format(**words)
 
 

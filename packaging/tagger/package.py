@@ -22,6 +22,7 @@ from tagger.registry import register_version, version_description
 from tagger.runs import ranking_value, run_encoder, select_checkpoint, trained_param
 from tagger.signing import SIGNED_TAG, public_key_of, sign_logged_model, signing_line, signing_metadata
 
+
 def package_best_run(config: PackageConfig) -> ModelVersion:
     """Package the experiment's best run and register it as a new version of config.model_name."""
     key = fingerprint(public_key_of(config.signing_key)) if config.signing_key else None  # a bad key fails first

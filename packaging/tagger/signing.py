@@ -23,7 +23,8 @@ import mlflow
 
 from mlflow_model.config import VERIFY_KEY_VARIABLE, verify_key_path
 from mlflow_model.signature import (
-    FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, byproducts, fingerprint, hashing_config, import_model_signing, read_public_key, verify_model,
+    FINGERPRINT_METADATA, SIGNATURE_FILE, SIGNATURE_METADATA, byproducts, fingerprint, hashing_config,
+    import_model_signing, read_public_key, verify_model,
 )
 from tagger.errors import OptionError, ServiceError, one_line
 
