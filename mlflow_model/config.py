@@ -27,7 +27,7 @@ MODELS_WORKERS_VARIABLE = "MLFLOW_MODELS_WORKERS"  # MLflow's own: `mlflow model
 BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
 _LOWEST = {
-    "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
+    "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True), "alone_threads": (1, True),
     "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False), "timeout_s": (1e-3, False),
     "calibration_rows": (1, True),
 }
@@ -81,6 +81,7 @@ class PredictorConfig:
     max_length: int | None = None  # None: the encoder's own limit
     num_threads: int | None = None  # intra-op threads of each inference thread (None: 1)
     inference_threads: int | None = None  # threads running forward passes side by side (None: cores // num_threads)
+    alone_threads: int | None = None  # ONNX: intra-op threads of a pass that runs alone (None: all the model's cores)
     sort_by_length: bool = True  # batch rows of similar length together (less padding)
     engine: str = "torch"  # an engine of mlflow_model.engines.ENGINES: torch (the reference) or onnx (ONNX Runtime)
     precision: str = "fp32"  # one of the engine's precisions: fp32, bf16 (torch), int8 (static), int8-dynamic
@@ -112,6 +113,11 @@ class PredictorConfig:
         """Inference threads: as asked, else one per group of `num_threads` cores (one per core by default),
         the cores shared among the scoring server's workers."""
         return self.inference_threads or max(1, usable_cores() // (self.intra_op_threads * serving_workers()))
+
+    @property
+    def alone_intra_op_threads(self) -> int:
+        """Threads a forward pass that runs alone may use: as asked, else every core the model's threads have."""
+        return self.alone_threads or self.thread_count * self.intra_op_threads
 
     def with_params(self, params: dict[str, Any] | None) -> PredictorConfig:
         """This config with a request's params applied; InvalidInputError naming a bad or unknown param."""

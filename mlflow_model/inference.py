@@ -9,7 +9,9 @@ one intra-op thread: they take batches from the one queue side by side, with no 
 that a busy server thread could stall. The `warmup` hook runs first, on the first thread: the
 predictor builds its engine there, so that the thread that loads the weights also runs them
 (torch gives each thread that runs a parallel kernel its own OpenMP team; an idle loader's team
-beside the serving ones would cost cores).
+beside the serving ones would cost cores). A forward pass that starts while no other runs and no rows
+wait is told it runs `alone`: an engine may then spread that one pass over every core the model has
+(the ONNX engine does), so that a lone client's request does not leave the other cores idle.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 from mlflow_model.config import PredictorConfig
 from mlflow_model.errors import InferenceError, TaggerError
 
-Forward = Callable[[list[list[int]], int], np.ndarray]
+Forward = Callable[[list[list[int]], int, bool], np.ndarray]  # (token ids, batch_size, alone) -> logits
 _STOP = object()  # queue sentinel: the thread ends when it reaches it
 _log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class InferenceThread:
         self._started = threading.Event()
         self._warmup_error: Exception | None = None
         self._overlapping = False  # the last batch served several requests: worth waiting for more
+        self._running = 0  # forward passes running now, on all the threads
         self._threads = [threading.Thread(target=self._run, args=(warmup,), name=name, daemon=True)]
         self._threads[0].start()
         if not self._started.wait(warmup_timeout_s):
@@ -198,7 +201,7 @@ class InferenceThread:
         token_ids = [ids for chunk in batch for ids in chunk.rows]
         try:
             batch_size = min(chunk.request.batch_size for chunk in batch)
-            logits = self.forward(token_ids, batch_size)
+            logits = self._forward(token_ids, batch_size)
             if len(logits) != len(token_ids):
                 raise ValueError(f"forward returned {len(logits)} rows for {len(token_ids)}")
             if self.on_batch is not None:
@@ -214,6 +217,17 @@ class InferenceThread:
             if chunk.request.error is None:
                 chunk.request.deliver(chunk.start, logits[offset : offset + size])
             offset += size
+
+    def _forward(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+        """Run one forward pass, telling it whether it runs alone (no other pass running, no rows waiting)."""
+        with self._lock:
+            alone = self._running == 0 and self._queue.empty()
+            self._running += 1
+        try:
+            return self.forward(token_ids, batch_size, alone)
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def _fail_queued(self, reason: str) -> None:
         """Fail every request still queued (after close); the other threads' sentinels go back in the queue."""

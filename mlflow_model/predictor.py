@@ -124,9 +124,13 @@ class Predictor:
         prepared = self.preprocess(frame, params)
         return self.forward(prepared.token_ids, prepared.settings.batch_size)
 
-    def run_batch(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Logits of gathered rows, from length-sorted padded micro-batches (on the inference thread)."""
-        return batched_logits(self.engine.logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
+    def run_batch(self, token_ids: list[list[int]], batch_size: int, alone: bool = False) -> np.ndarray:
+        """Logits of gathered rows, from length-sorted padded micro-batches (on the inference thread);
+        `alone`: no other forward pass runs, so the engine may use every core."""
+        def logits(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return self.engine.logits(input_ids, mask, alone=alone)
+
+        return batched_logits(logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
 
     def start(self, build_engine: Callable[[], Engine]) -> None:
         """Build the engine and run one forward, on the inference thread, so the first request pays for neither."""

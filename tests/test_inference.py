@@ -26,11 +26,13 @@ class FakeForward:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, str]] = []
         self.lengths: list[list[int]] = []  # per call: the length of each row it got
+        self.alone: list[bool] = []  # per call: whether the thread said it ran alone
         self.release = threading.Event()
         self.release.set()
         self.fail_next: Exception | None = None
 
-    def __call__(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+    def __call__(self, token_ids: list[list[int]], batch_size: int, alone: bool = False) -> np.ndarray:
+        self.alone.append(alone)
         self.calls.append((len(token_ids), batch_size, threading.current_thread().name))
         self.lengths.append([len(ids) for ids in token_ids])
         self.release.wait(30)
@@ -157,7 +159,7 @@ def test_a_failing_forward_fails_its_batch_only(forward, make_thread):
 
 
 def test_a_forward_with_the_wrong_row_count_is_an_error(make_thread):
-    inference = make_thread(lambda token_ids, batch_size: np.zeros((1, 3)), max_wait_ms=0)
+    inference = make_thread(lambda token_ids, batch_size, alone: np.zeros((1, 3)), max_wait_ms=0)
     with pytest.raises(InferenceError, match="forward returned 1 rows for 2"):
         inference.submit([[1], [2]], batch_size=8)
 
@@ -192,6 +194,25 @@ def test_while_requests_overlap_the_thread_waits_for_more_rows(forward, make_thr
     assert [rows for rows, _, _ in forward.calls[calls:]] == [2]
 
 
+def test_a_pass_is_alone_only_while_no_other_pass_runs_and_no_rows_wait(forward, make_thread):
+    """A lone request may take every core; a pass that starts beside another, or with rows queued, may not."""
+    inference = make_thread(forward, max_wait_ms=0, inference_threads=2)
+    inference.submit([[1]], batch_size=8)
+    assert forward.alone == [True]
+    forward.release.clear()  # the next pass holds one thread...
+    first = threading.Thread(target=inference.submit, args=([[2]], 8))
+    first.start()
+    wait_until(lambda: len(forward.calls) == 2)
+    second = threading.Thread(target=inference.submit, args=([[3]], 8))
+    second.start()  # ...so the other thread runs this one beside it
+    wait_until(lambda: len(forward.calls) == 3)
+    forward.release.set()
+    first.join(10), second.join(10)
+    assert forward.alone == [True, True, False]
+    inference.submit([[4]], batch_size=8)  # both passes ended: alone again
+    assert forward.alone[-1] is True
+
+
 def test_a_lone_client_is_not_delayed_by_max_wait(forward, make_thread):
     # A lone request that waited max_wait (60 s) would fail at the 5 s timeout instead of answering.
     inference = make_thread(forward, max_batch_rows=64, max_wait_ms=60_000, timeout_s=5)
@@ -220,7 +241,7 @@ def test_a_failing_warmup_fails_the_load():
         raise OSError("no weights")
 
     with pytest.raises(InferenceError, match="inference warmup failed: OSError: no weights"):
-        InferenceThread(lambda ids, size: fake_probabilities(ids), warmup=warmup, name="bad-warmup")
+        InferenceThread(lambda ids, size, alone: fake_probabilities(ids), warmup=warmup, name="bad-warmup")
     wait_until(lambda: "bad-warmup" not in {t.name for t in threading.enumerate()})
 
 
@@ -231,7 +252,7 @@ def test_a_typed_warmup_error_reaches_the_loader_unchanged():
         raise CheckpointError("weights in /x do not fit the encoder")
 
     with pytest.raises(CheckpointError, match="do not fit the encoder"):
-        InferenceThread(lambda ids, size: fake_probabilities(ids), warmup=warmup, name="typed-warmup")
+        InferenceThread(lambda ids, size, alone: fake_probabilities(ids), warmup=warmup, name="typed-warmup")
 
 
 def test_the_predictor_builds_its_engine_on_the_inference_thread(tiny_checkpoint, tiny_encoder):
@@ -244,7 +265,7 @@ def test_the_predictor_builds_its_engine_on_the_inference_thread(tiny_checkpoint
             self.built_on = threading.current_thread().name
             self.ran_on: set[str] = set()
 
-        def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, alone: bool = False) -> np.ndarray:
             self.ran_on.add(threading.current_thread().name)
             return np.zeros((len(input_ids), 4), np.float32)
 
@@ -306,7 +327,8 @@ def test_tiny_torch_model_on_the_inference_thread(tiny_checkpoint, tiny_encoder,
         torch.set_num_threads(1)
         threads_seen.append(torch.get_num_threads())
 
-    inference = make_thread(predictor.forward, max_batch_rows=8, max_wait_ms=5, warmup=warmup)
+    inference = make_thread(lambda ids, size, alone: predictor.forward(ids, size), max_batch_rows=8, max_wait_ms=5,
+                            warmup=warmup)
     answers: dict[int, np.ndarray] = {}
     clients = [
         threading.Thread(target=lambda i=i: answers.__setitem__(i, inference.submit([token_ids[i]], batch_size=4)))
@@ -324,7 +346,7 @@ def test_a_slow_warmup_fails_the_load_after_timeout():
     release = threading.Event()  # the warmup hangs until the load has given up on it
     try:
         with pytest.raises(InferenceError, match="warmup did not finish within 0.1 s"):
-            InferenceThread(lambda ids, size: fake_probabilities(ids), warmup_timeout_s=0.1, warmup=lambda: release.wait(60),
+            InferenceThread(lambda ids, size, alone: fake_probabilities(ids), warmup_timeout_s=0.1, warmup=lambda: release.wait(60),
                             name="slow-warmup")
     finally:
         release.set()

@@ -2,11 +2,14 @@
 dynamic int8 keeps its own name, and models packaged as `int8` before static int8 existed still load."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 from helpers import build_tiny_checkpoint, varied_rows
 
+from mlflow_model.batching import pad_batch
 from mlflow_model.checkpoint import encoder_settings
 from mlflow_model.config import CHECKPOINT_ARTIFACT, ENCODER_ARTIFACT, ONNX_FILE, PredictorConfig
 from mlflow_model.engines import split_build
@@ -66,6 +69,34 @@ def test_int8_dynamic_still_builds_and_the_batch_check_tells_it_apart(reference,
     if np.abs(alone - batched).max() > BATCH_TOLERANCE:  # the check that guards a static build refuses it
         with pytest.raises(ExportCheckError, match="alone and inside its batch"):
             check_batch_independence(f"{artifacts[CHECKPOINT_ARTIFACT]}/{ONNX_FILE}", [sum(batches, [])], pad_id)
+
+
+class CountingSession:
+    """An ONNX Runtime session, counted: which session ran a pass (the real session runs it)."""
+
+    def __init__(self, session) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_lone_request_runs_on_every_core_with_the_same_answers(reference, tmp_path, precision):
+    artifacts, config = build(reference, tmp_path, precision)
+    config = dataclasses.replace(config, inference_threads=1, alone_threads=2)
+    with Predictor.from_directories(artifacts[CHECKPOINT_ARTIFACT], artifacts[ENCODER_ARTIFACT], config) as predictor:
+        engine = predictor.engine
+        assert engine.session.get_session_options().intra_op_num_threads == 1
+        assert engine.alone_session.get_session_options().intra_op_num_threads == 2
+        pad_id = int(encoder_settings(reference[ENCODER_ARTIFACT]).get("pad_token_id") or 0)
+        for batch in sample_batches(reference, config, ROWS):  # the two sessions agree exactly, batch by batch
+            padded = pad_batch(batch, pad_id)
+            np.testing.assert_array_equal(engine.logits(*padded, alone=True), engine.logits(*padded))
+        engine.session, engine.alone_session = CountingSession(engine.session), CountingSession(engine.alone_session)
+        predictor.predict_proba(ROWS.iloc[[0]])  # a lone request: the all-cores session
+        assert (engine.alone_session.runs, engine.session.runs) == (1, 0)
 
 
 @pytest.mark.parametrize("engine", ["onnx", "torch"])

@@ -38,8 +38,9 @@ STATIC_INT8, DYNAMIC_INT8 = "int8", "int8-dynamic"
 class Engine(Protocol):
     """Runs one padded batch of token ids through the classifier."""
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """int64 (rows x width) in, float32 (rows x classes) out."""
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, alone: bool = False) -> np.ndarray:
+        """int64 (rows x width) in, float32 (rows x classes) out; `alone`: no other pass runs, every core of the
+        model is free (an engine may use them all; the answer must not change)."""
         ...
 
 

@@ -58,23 +58,35 @@ class ExportCheckError(BuildError):
 
 
 class OnnxEngine:
-    """An ONNX Runtime session (CPU, graph optimizations on) over an exported FinetunedLLM."""
+    """An ONNX Runtime session (CPU, graph optimizations on) over an exported FinetunedLLM.
 
-    def __init__(self, model_path: str | Path, num_threads: int | None = None, spin: bool = False) -> None:
+    With `alone_threads` above `num_threads`, a second session over the same graph runs the passes that run
+    alone on that many threads, spinning only while a pass runs: a lone request then has every core. Both
+    sessions run the same kernels, each output element computed in the same order, so answers are the same.
+    """
+
+    def __init__(self, model_path: str | Path, num_threads: int | None = None, alone_threads: int = 1) -> None:
+        self.model_path = str(model_path)
+        threads = num_threads or usable_cores()
+        self.session = self._open(threads, spin=False)
+        self.alone_session = self._open(alone_threads, spin=True) if alone_threads > threads else self.session
+        self._check_signature()
+
+    def _open(self, threads: int, spin: bool) -> Any:
+        """A session on `threads` intra-op threads; spinning pool threads stop spinning when a pass ends."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = num_threads or usable_cores()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle pool threads spin by default: on a few shared cores they steal CPU from the server's threads.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.model_path = str(model_path)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
-            self.session = ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
         except Exception as error:  # missing, corrupt or incompatible file
             raise CheckpointError(f"cannot load ONNX model {self.model_path}: {error}") from error
-        self._check_signature()
 
     def _check_signature(self) -> None:
         """The session must take input_ids/attention_mask and give logits."""
@@ -86,15 +98,16 @@ class OnnxEngine:
                 f"expected {list(INPUT_NAMES)} -> {OUTPUT_NAME!r}"
             )
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 logits of one padded batch."""
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, alone: bool = False) -> np.ndarray:
+        """float32 logits of one padded batch; a pass that runs alone takes every core the model has."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return np.asarray(self.session.run([OUTPUT_NAME], feeds)[0], dtype=np.float32)
+        session = self.alone_session if alone else self.session
+        return np.asarray(session.run([OUTPUT_NAME], feeds)[0], dtype=np.float32)
 
 
 def load(checkpoint_dir: str | Path, encoder_dir: str | Path, config: PredictorConfig) -> OnnxEngine:
     """The session over the build's graph (its weights memory-mapped from the external data file)."""
-    return OnnxEngine(Path(checkpoint_dir) / ONNX_FILE, config.intra_op_threads)
+    return OnnxEngine(Path(checkpoint_dir) / ONNX_FILE, config.intra_op_threads, config.alone_intra_op_threads)
 
 
 # ---- packaging only ------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ class TorchEngine:
         self._torch = torch
         self.model = model
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 logits of one padded batch."""
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, alone: bool = False) -> np.ndarray:
+        """float32 logits of one padded batch, on this inference thread's own intra-op threads, alone or not."""
         torch = self._torch
         with torch.inference_mode():
             out = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
