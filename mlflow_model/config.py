@@ -27,9 +27,9 @@ MODELS_WORKERS_VARIABLE = "MLFLOW_MODELS_WORKERS"  # MLflow's own: `mlflow model
 BAD_ROWS = ("refuse", "report")  # a bad row fails the whole request, or gets an error and no prediction
 # Lowest value of each numeric setting, and whether it must be a whole number (None passes where it is the default).
 _LOWEST = {
-    "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True), "alone_threads": (1, True),
-    "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False), "timeout_s": (1e-3, False),
-    "calibration_rows": (1, True),
+    "batch_size": (1, True), "max_length": (1, True), "num_threads": (1, True), "inference_threads": (1, True),
+    "alone_threads": (1, True), "max_batch_rows": (1, True), "max_request_rows": (1, True), "max_wait_ms": (0, False),
+    "timeout_s": (1e-3, False), "calibration_rows": (1, True),
 }
 
 

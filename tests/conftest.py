@@ -76,3 +76,4 @@ def packaged_store(packaged, tmp_path) -> Iterator[PackagedModel]:
     """
     with mlflow_store(packaged.tracking_uri, cwd=tmp_path):
         yield packaged
+

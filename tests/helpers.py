@@ -139,8 +139,9 @@ def mlflow_store(uri: str, cwd: Path | None = None) -> Iterator[str]:
     previous_registry = registry_utils._registry_uri
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking store
+        for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI"):  # the registry follows the tracking store
+            patch.setenv(name, "")  # recorded, so the end restores what was there (or nothing), even when...
+            patch.delenv(name)  # ...code in the block sets it (delenv of an absent variable records nothing)
         if cwd is not None:
             patch.chdir(cwd)  # a new store's default artifact root, ./mlruns, lands in cwd
         fluent._active_experiment_id = None  # forget the experiment an earlier store made active
@@ -191,7 +192,8 @@ def scoring_server(model_uri: str, tracking_uri: str, folder: Path, timeout_s: f
     # The scoring server runs `uvicorn` from PATH: put this interpreter's bin folder first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI"):  # the registry is the given store's
+        env.pop(name, None)
     log = folder / f"server-{port}.log"
     with open(log, "w") as output:
         process = subprocess.Popen(

@@ -179,6 +179,11 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     return {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, **S3_CREDENTIALS}
 
 
+# MLflow 3's server starts a job runner and a pool of huey consumers (server-side jobs) beside itself by default:
+# tagger uses no server jobs, and on 2 cores their start-up slows every test that starts a server.
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_dir: Path
                   ) -> contextlib.AbstractContextManager[str]:
     """A real `mlflow server` (tracking + registry in backend_store, proxied artifacts); yields its URL."""
@@ -186,7 +191,7 @@ def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_d
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store, "--artifacts-destination",
                artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     return http_service(command, port, "/health", "mlflow server", log_dir / "mlflow-server.log", 180,
-                        env=base_environment() | env)
+                        env=base_environment() | NO_SERVER_JOBS | env)
 
 
 @dataclass
@@ -216,8 +221,9 @@ def auth_mlflow_server(folder: Path, admin_password: str, log_dir: Path) -> Iter
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     key = secrets.token_hex(16)
-    env = base_environment() | {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
-                                "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}
+    env = base_environment() | NO_SERVER_JOBS | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}
     port = free_port()
     command = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",

@@ -180,7 +180,7 @@ class AuthStack:
         """An MlflowClient of the server, as the admin (for this test)."""
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", self.server.admin)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", self.server.admin_password)
-        return MlflowClient(self.server.url)
+        return MlflowClient(self.server.url, registry_uri=self.server.url)
 
 
 def output_of(result: subprocess.CompletedProcess) -> str:

@@ -346,8 +346,8 @@ def test_a_slow_warmup_fails_the_load_after_timeout():
     release = threading.Event()  # the warmup hangs until the load has given up on it
     try:
         with pytest.raises(InferenceError, match="warmup did not finish within 0.1 s"):
-            InferenceThread(lambda ids, size, alone: fake_probabilities(ids), warmup_timeout_s=0.1, warmup=lambda: release.wait(60),
-                            name="slow-warmup")
+            InferenceThread(lambda ids, size, alone: fake_probabilities(ids), warmup_timeout_s=0.1,
+                            warmup=lambda: release.wait(60), name="slow-warmup")
     finally:
         release.set()
     wait_until(lambda: "slow-warmup" not in {t.name for t in threading.enumerate()})  # the thread ends once released
