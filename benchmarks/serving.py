@@ -15,9 +15,13 @@ sequentially before the load. Prints a markdown table with the ratios to the do-
 the goals each model should meet (see `goals`), and writes JSON. A machine's speed drifts within
 minutes when other work runs on it: with --rounds N all of that runs N times in turn, each model
 paired with the do-nothing server of its round, then a summary gives the medians over the rounds.
+With --turns N instead, every server is up at once and they take turns N times (one client for
+1 s, then --clients clients for 3 s each): the finest pairing, for comparing two versions whose
+difference is smaller than the machine's drift.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -201,9 +205,10 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
-def run_load(port: int, bodies: list[bytes], refs: list[dict], clients: int, seconds: float, max_requests: int,
-             workers: list[psutil.Process]) -> dict:
-    """`clients` threads for `seconds` (at most max_requests requests in all): rows/s, p50/p99, errors, CPU."""
+def drive(port: int, bodies: list[bytes], refs: list[dict], clients: int, seconds: float,
+          max_requests: int) -> tuple[list[dict], float]:
+    """`clients` threads for `seconds` (at most max_requests requests in all): each thread's latencies,
+    errors and mismatches, and the seconds it all took."""
     import itertools
 
     stop = {"deadline": time.perf_counter() + seconds, "budget": itertools.count(), "max_requests": max_requests}
@@ -211,12 +216,19 @@ def run_load(port: int, bodies: list[bytes], refs: list[dict], clients: int, sec
     offsets = [i * len(bodies) // clients for i in range(clients)]
     threads = [threading.Thread(target=client_loop, args=(port, bodies, refs, offsets[i], stop, outs[i]), daemon=True)
                for i in range(clients)]
-    began, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(workers), time.process_time()
+    began = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(seconds + 180)
-    elapsed = time.perf_counter() - began
+    return outs, time.perf_counter() - began
+
+
+def run_load(port: int, bodies: list[bytes], refs: list[dict], clients: int, seconds: float, max_requests: int,
+             workers: list[psutil.Process]) -> dict:
+    """`clients` threads for `seconds` (at most max_requests requests in all): rows/s, p50/p99, errors, CPU."""
+    server_cpu, client_cpu = cpu_seconds(workers), time.process_time()
+    outs, elapsed = drive(port, bodies, refs, clients, seconds, max_requests)
     server_cpu, client_cpu = cpu_seconds(workers) - server_cpu, time.process_time() - client_cpu
     latencies = np.array([x for out in outs for x in out["latencies"]]) * 1000
     errors, mismatches = sum(o["errors"] for o in outs), sum(o["mismatches"] for o in outs)
@@ -298,6 +310,50 @@ def save_noop_model(folder: Path) -> str:
         input_example=example, model_config={"tags": list(TAGS)},
     )
     return str(folder)
+
+
+def taking_turns(uris: dict[str, str], options: dict, bodies: list[bytes], workdir: Path, turns: int) -> dict:
+    """Every server up at once, then `turns` rounds in which each in turn gets one client for 1 s, then
+    --clients clients for 3 s: drift in the machine's speed falls on all of them alike. Per server: p50/p90
+    over every turn's requests, rows/s under load, errors and mismatches."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as running:
+        servers = {}
+        for index, (label, uri) in enumerate(uris.items()):
+            folder, _ = running.enter_context(local_copy(uri))
+            log = workdir / f"turns-{index}.log"
+            servers[label] = running.enter_context(served(folder, options["tracking_uri"], log))
+        for server in servers.values():
+            wait_ready(server, options["ready_timeout"])
+        refs = {label: references(server["port"], bodies) for label, server in servers.items()}
+        totals = {label: {"single": [], "rows": 0, "seconds": 0.0, "errors": 0, "mismatches": 0} for label in servers}
+        for _ in range(turns):
+            for clients, seconds in ((1, 1.0), (options["clients"], 3.0)):
+                for label, server in servers.items():
+                    outs, elapsed = drive(server["port"], bodies, refs[label], clients, seconds,
+                                          options["max_requests"])
+                    total = totals[label]
+                    if clients == 1:
+                        total["single"] += outs[0]["latencies"]
+                    else:
+                        total["rows"] += sum(len(o["latencies"]) for o in outs)
+                        total["seconds"] += elapsed
+                    total["errors"] += sum(o["errors"] for o in outs)
+                    total["mismatches"] += sum(o["mismatches"] for o in outs)
+    return {label: {"p50_ms": round(float(np.percentile(t["single"], 50)) * 1000, 2),
+                    "p90_ms": round(float(np.percentile(t["single"], 90)) * 1000, 2),
+                    "rows_per_s": round(t["rows"] / t["seconds"], 1), "requests_1_client": len(t["single"]),
+                    "errors": t["errors"], "mismatches": t["mismatches"]} for label, t in totals.items()}
+
+
+def turns_markdown(results: dict[str, dict], clients: int) -> str:
+    """The taking-turns table: each server against the do-nothing one."""
+    noop = results[NOOP_LABEL]["p50_ms"]
+    lines = [f"| server | 1 client p50 ms | x do-nothing | p90 ms | rows/s @{clients} | errors | mismatches |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['p50_ms']:.2f} | {r['p50_ms'] / noop:.2f} | {r['p90_ms']:.2f} | {r['rows_per_s']:.1f} "
+              f"| {r['errors']} | {r['mismatches']} |" for label, r in results.items()]
+    return "\n".join(lines)
 
 
 # ---------- report ----------
@@ -383,9 +439,12 @@ def summary(rounds: list[list[dict]], clients: str) -> str:
 @click.option("--rounds", default=1, show_default=True,
               help="Serve the do-nothing pyfunc and every model this many times, in turn: ratios pair each "
                    "model with the do-nothing server of its round, and a summary gives their medians.")
+@click.option("--turns", default=0, show_default=True,
+              help="Instead: every server up at once, taking turns (1 client 1 s, then --clients clients 3 s) this many "
+                   "times; p50 over all turns (best against a machine whose speed drifts).")
 @click.option("--out", default="outputs/serving.json", show_default=True, help="JSON results file.")
 def main(tracking_uri: str, model_uris: tuple[str, ...], csv: str, seconds: float, clients: int,
-         max_requests: int, ready_timeout: float, in_process: bool, rounds: int, out: str) -> None:
+         max_requests: int, ready_timeout: float, in_process: bool, rounds: int, turns: int, out: str) -> None:
     """Benchmark `mlflow models serve` of each model against a do-nothing pyfunc."""
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     rows = load_rows(csv)
@@ -394,6 +453,16 @@ def main(tracking_uri: str, model_uris: tuple[str, ...], csv: str, seconds: floa
                "max_requests": max_requests, "ready_timeout": ready_timeout}
     load_before = os.getloadavg()
     logs = Path(out).parent / "serving-logs"  # server logs are kept: read them when a server fails
+    if turns:
+        with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+            uris = {NOOP_LABEL: save_noop_model(Path(tmp) / "noop"), **{uri: uri for uri in model_uris}}
+            results = taking_turns(uris, options, bodies, logs, turns)
+        print(turns_markdown(results, clients))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"rows": len(rows), "options": options, "turns": turns, "loadavg_before":
+                                         load_before, "loadavg_after": os.getloadavg(), "servers": results}, indent=2))
+        print(f"wrote {out}")
+        return
     timings = {uri: in_process_single_row_ms(uri, rows) if in_process else None for uri in dict.fromkeys(model_uris)}
     all_rounds = []
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
