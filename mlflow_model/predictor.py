@@ -133,9 +133,11 @@ class Predictor:
         return batched_logits(logits, token_ids, batch_size, self.pad_id, self.config.sort_by_length)
 
     def start(self, build_engine: Callable[[], Engine]) -> None:
-        """Build the engine and run one forward, on the inference thread, so the first request pays for neither."""
+        """Build the engine and run one forward (alone and not), on the inference thread, so the first request pays
+        for neither."""
         self.engine = build_engine()
-        self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1)
+        for alone in (False, True):
+            self.run_batch(tokenize(self.tokenizer, ["warm up"]), 1, alone)
 
     def observe_batches(self, callback: Callable[[int], None]) -> None:
         """Call `callback(rows)` after each forward batch the inference threads run (the rows of all its requests)."""
