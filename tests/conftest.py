@@ -76,4 +76,3 @@ def packaged_store(packaged, tmp_path) -> Iterator[PackagedModel]:
     """
     with mlflow_store(packaged.tracking_uri, cwd=tmp_path):
         yield packaged
-
